@@ -1,0 +1,1 @@
+"""Training methods: one module each, behind the small `Method` interface in base.py."""

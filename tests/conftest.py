@@ -1,0 +1,90 @@
+"""Shared fixtures: a private runs root and a tiny, fast recipe on the embedded data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# One thread per test process: `pytest -n 2` on 2 cores is fastest this way, and the
+# engine subprocesses the tests start inherit it (a 2-thread resnet forward was 20x slower here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_RECIPE = """
+[run]
+name = "tiny"
+method = "supervised"
+
+[data]
+dataset = "embedded"
+batch_size = 32
+eval_batch_size = 256
+val_fraction = 0.2
+embedded_per_class = 16
+
+[model]
+arch = "resnet8"
+
+[optim]
+lr = 0.05
+
+[schedule]
+name = "multistep"
+milestones = [2]
+
+[train]
+epochs = 3
+seed = 1
+threads = 1
+log_every = 2
+
+[checkpoint]
+every = 1
+"""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the heavier reliability variants")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="heavy variant: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "runs"
+    monkeypatch.setenv("KDTUI_RUNS_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def write_recipe(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)

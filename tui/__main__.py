@@ -1,0 +1,5 @@
+"""`python -m tui` == `kdtui`."""
+
+from tui.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""`kdtui`: the command line. Commands live in tui/commands/*; this file only wires them.
+
+Import hygiene: `kdtui --help` must not import torch or textual (tests check sys.modules),
+so command modules import heavy libraries inside their bodies.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="kdtui",
+    help="Terminal experiment manager for image-classification training (KD, SSL, semi-supervised).",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    """With no command, open the full-screen app."""
+    if ctx.invoked_subcommand is None:
+        from tui.app import run_app
+
+        run_app()
+
+
+from tui.commands import core  # noqa: E402,F401  (registers commands)
+from tui.commands import diff  # noqa: E402,F401  (registers `kdtui diff`)
+from tui.commands import plot  # noqa: E402,F401  (registers `kdtui plot` and `kdtui watch`)
+from tui.commands import runs  # noqa: E402,F401  (registers runs/show/stop/relaunch/tag/note/rm/tensorboard)
+from tui.commands import bench  # noqa: E402,F401  (registers `kdtui bench devices` and `kdtui devices`)
+from tui.commands import slurm  # noqa: E402,F401  (registers `kdtui slurm`)
+
+
+def main() -> None:
+    app()

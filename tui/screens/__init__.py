@@ -1,0 +1,1 @@
+"""One screen per module; each imports only what it shows (torch never)."""
