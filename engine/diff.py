@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CheckpointError, UserError
-from engine.predictions import Predictions, atomic_save_npz, cache_dir, get_predictions, split_data
+from engine.predictions import (
+    Predictions,
+    atomic_save_npz,
+    cache_dir,
+    data_in_memory,
+    get_predictions,
+    split_data,
+)
 from engine.rundir import atomic_write_text, iter_run_dirs
 
 FILTERS = ("all", "a_right", "b_right", "both_wrong")
@@ -200,11 +207,15 @@ def compare(a: Predictions, b: Predictions) -> Diff:
 
 
 def run_diff(a: str | Path, b: str | Path, split: str = "test", device: str = "cpu", batch_size: int = 512,
-             view: bool = False) -> Diff:
-    """Compare two checkpoints, evaluating only what is not cached; `view` also caches the images."""
+             view: bool | None = None) -> Diff:
+    """Compare two checkpoints, evaluating only what is not cached.
+
+    `view` caches the images of the disagreements for the TUI: True always, None (default) only when
+    the data is already in memory from evaluating (a few ms then), False never.
+    """
     paths = [Path(a), Path(b)]
     diff = compare(*get_predictions(paths, split, device, batch_size, check=lambda m: check_compatible(m, paths)))
-    if view:
+    if view or (view is None and data_in_memory(diff.a.meta["recipe"]) and load_view(diff) is None):
         view_images(diff)
     return diff
 

@@ -158,7 +158,12 @@ def init(recipe: Any) -> Dist:
     if on_cuda:
         recipe.train.device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if on_cuda else "gloo")
+    backend = "nccl" if on_cuda else "gloo"
+    store_path = os.environ.get("KDTUI_DIST_STORE")
+    if store_path:  # one machine (tui/queue.py): a file store, so nothing listens on the network
+        dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    else:  # several machines: torchrun's MASTER_ADDR/MASTER_PORT (env://)
+        dist.init_process_group(backend)
     control = dist.new_group(backend="gloo") if on_cuda else None
     return Dist(rank=rank, world_size=world, local_rank=local_rank, control=control)
 

@@ -152,9 +152,12 @@ def get_predictions(paths: Sequence[str | Path], split: str, device: str = "cpu"
         hit = load_cached(path, split, digest)
         if hit is not None:
             found[i] = hit
-    missing = [i for i in range(len(paths)) if i not in found]
+    # one evaluation per cache entry: hard links (best.pt = epoch_NNNN.pt) or A == B share one
+    entries = {i: cache_file(paths[i], digests[i], split) for i in range(len(paths)) if i not in found}
+    missing = [i for i in entries if i == min(j for j in entries if entries[j] == entries[i])]
     loaded = {i: _open(paths[i], digests[i], device) for i in missing}
-    metas = [found[i].meta if i in found else loaded[i][1] for i in range(len(paths))]
+    first_of = {entries[i]: i for i in missing}
+    metas = [found[i].meta if i in found else loaded[first_of[entries[i]]][1] for i in range(len(paths))]
     if check is not None:
         check(metas)
     if loaded:
@@ -165,10 +168,19 @@ def get_predictions(paths: Sequence[str | Path], split: str, device: str = "cpu"
             results = _evaluate([loaded[i][0] for i in members], loaded[members[0]][1]["recipe"], split,
                                 device, batch_size, paths[members[0]])
             for i, arrays in zip(members, results, strict=True):
-                pred = Predictions(str(paths[i]), digests[i], split, loaded[i][1], **arrays)
-                save_predictions(pred)
-                found[i] = pred
+                found[i] = Predictions(str(paths[i]), digests[i], split, loaded[i][1], **arrays)
+                save_predictions(found[i])
+        for i, entry in entries.items():
+            if i not in found:
+                twin = found[first_of[entry]]
+                found[i] = Predictions(str(paths[i]), twin.digest, split, twin.meta,
+                                       **{name: getattr(twin, name) for name in _ARRAYS})
     return [found[i] for i in range(len(paths))]
+
+
+def data_in_memory(recipe: str) -> bool:
+    """Whether this process already built the data this recipe evaluates on (images are then cheap)."""
+    return _data_key(recipe) in _BUNDLES
 
 
 def _open(path: Path, digest: str, device: str) -> tuple[Any, dict[str, Any]]:

@@ -40,7 +40,8 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan: `warmup_epochs = inf` or `betas = [nan, 0.9]` would validate and then train nothing
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -76,6 +77,13 @@ class DataSection(Section):
     def _known_dataset(cls, value: str) -> str:
         if value not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _path_without_nul(cls, value: str) -> str:
+        if "\0" in value:  # no file system accepts it; os calls on it raise ValueError, not OSError
+            raise ValueError("expected a folder path, got one with a NUL character")
         return value
 
 
@@ -257,7 +265,7 @@ class SSLSection(Section):
     @classmethod
     def _jitter_range(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         if min(value) < 0 or value[3] > 0.5:
-            raise ValueError(f"expected [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, got {list(value)}")
+            raise ValueError(f"expected [brightness, contrast, saturation, hue] >= 0, hue <= 0.5, got {list(value)}")
         return value
 
 
@@ -402,6 +410,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(path, "", f"invalid TOML: {err}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays / inline tables
+        raise RecipeError(path, "", "invalid TOML: arrays or inline tables nested too deeply") from None
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -437,7 +447,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise RecipeError("--set", _one_line(text, 80), "expected SECTION.KEY=VALUE, e.g. optim.lr=0.1")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw
     return key, value
 
@@ -524,8 +534,9 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     return _check_files(validate(data, path), path)
 
 
-def expand_sweep(recipe: Recipe) -> list[tuple[dict[str, Any], Recipe]]:
-    """The cartesian product of `[sweep]` as (point, recipe) pairs; one pair without a sweep."""
+def expand_sweep(recipe: Recipe, source: str | Path | None = None) -> list[tuple[dict[str, Any], Recipe]]:
+    """The cartesian product of `[sweep]` as (point, recipe) pairs; one pair without a sweep.
+    `source` (the recipe file) is named in errors about a point."""
     if not recipe.sweep:
         return [({}, recipe)]
     keys = list(recipe.sweep)
@@ -537,5 +548,6 @@ def expand_sweep(recipe: Recipe) -> list[tuple[dict[str, Any], Recipe]]:
         data = apply_overrides(base, point)
         name = recipe.run.name + "-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         data.setdefault("run", {})["name"] = name
-        points.append((point, validate(data, f"{recipe.run.name} sweep point {point}")))
+        shown = _one_line(repr(point), 120)  # short enough that the key after it survives the 400-char cap
+        points.append((point, validate(data, f"{source or recipe.run.name} (sweep point {shown})")))
     return points

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from engine import distributed
-from engine.checkpoint import DiskFullError, load_checkpoint, save_checkpoint
+from engine.checkpoint import DiskFullError, load_checkpoint, remove_stale_temps, save_checkpoint
 from engine.data import build_data
 from engine.methods.base import Method, topk_correct
 from engine.methods.registry import method_class
@@ -97,6 +97,8 @@ class Trainer:
         self.aug_state: torch.Tensor | None = None
         if resume:
             self._restore(load_checkpoint(run.checkpoints / "last.pt"))
+        if self.dist.is_main:  # a process killed mid-write leaves a partial temp checkpoint behind
+            remove_stale_temps(run.checkpoints)
         self.metrics = (MetricsLog(run, resume_step=self.progress.step if resume else None) if self.dist.is_main
                         else distributed.NullMetrics())  # only rank 0 writes to the run directory
         self.stop_requested = self.signalled = False
@@ -389,10 +391,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:
+    except OSError:  # a file system without hard links: copy, and leave no partial copy behind
+        import errno
         import shutil
 
-        shutil.copyfile(source, tmp)
+        try:
+            shutil.copyfile(source, tmp)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise DiskFullError(err.errno, f"disk full while writing {target}: {err.strerror}") from err
+            raise
     os.replace(tmp, target)
 
 

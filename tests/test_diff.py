@@ -42,7 +42,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     recipe.write_text(TINY_RECIPE)
     root = base / "runs"
     runs = []
-    for overrides in (["train.epochs=2", "run.name=student"], ["train.epochs=1", "model.arch=wrn_16_1", "run.name=teacher"]):
+    student = ["train.epochs=2", "run.name=student"]
+    teacher = ["train.epochs=1", "model.arch=wrn_16_1", "run.name=teacher"]
+    for overrides in (student, teacher):
         run = create_runs(prepare(recipe, overrides, root), root)[0]
         assert train(run.path) == EXIT_FINISHED
         runs.append(run)
@@ -108,8 +110,8 @@ def test_counts_match_an_independent_recomputation(trained: Trained) -> None:
 
 def test_cached_predictions_equal_a_direct_evaluation(trained: Trained) -> None:
     """The cache holds what the model really outputs: top-5, probabilities and per-sample loss."""
-    from engine.evaluate import checkpoint_data, evaluate_checkpoint, load_classifier
     from engine.data import augment as aug
+    from engine.evaluate import checkpoint_data, evaluate_checkpoint, load_classifier
 
     path = trained.student.checkpoints / "epoch_0001.pt"
     (pred,) = predictions.get_predictions([path], "test")
@@ -144,7 +146,8 @@ def test_cache_hit_from_the_command_line_never_imports_torch(trained: Trained) -
     a, b = (str(trained.student.checkpoints / n) for n in ("epoch_0001.pt", "epoch_0002.pt"))
     run_diff(a, b, "test", view=True)
     probe = ("import sys, json, io, contextlib\nfrom tui.cli import app\nbuf = io.StringIO()\n"
-             "with contextlib.redirect_stdout(buf):\n    try: app(sys.argv[1:])\n    except SystemExit as e: code = e.code\n"
+             "with contextlib.redirect_stdout(buf):\n    try: app(sys.argv[1:])\n"
+             "    except SystemExit as e: code = e.code\n"
              "print(json.dumps({'torch': 'torch' in sys.modules, 'code': code, 'out': buf.getvalue()}))")
     export = trained.root.parent / "export-probe"
     out = subprocess.run([sys.executable, "-c", probe, "diff", a, b, "--json", "--export", str(export)], cwd=ROOT,
@@ -203,7 +206,7 @@ def test_references_resolve(trained: Trained) -> None:
     assert resolve_checkpoint(f"{run.id[:-2]}@last", root) == run.checkpoints / "last.pt"
     assert resolve_checkpoint("student@2", root) == run.checkpoints / "epoch_0002.pt"
     assert resolve_checkpoint(str(run.checkpoints / "epoch_0001.pt"), root) == run.checkpoints / "epoch_0001.pt"
-    with pytest.raises(UserError, match="no epoch_0009.pt; available: 1, 2, best, last"):
+    with pytest.raises(UserError, match=r"no epoch_0009\.pt; available: 1, 2, best, last"):
         resolve_checkpoint("student@9", root)
     with pytest.raises(UserError, match="expected RUN@best"):
         resolve_checkpoint("student@first", root)
@@ -218,7 +221,8 @@ def test_text_output_and_filters(trained: Trained) -> None:
         code, out, _ = cli("diff", ref_a, ref_b, "--runs-dir", str(trained.root), "--json", "--filter", name)
         assert [r["index"] for r in json.loads(out)["disagreements"]] == whole.select(name).tolist()
     klass = whole.class_names[int(whole.a.labels[whole.disagreements()[0]])]
-    code, out, _ = cli("diff", ref_a, ref_b, "--runs-dir", str(trained.root), "--json", "--class", klass, "--limit", "2")
+    code, out, _ = cli("diff", ref_a, ref_b, "--runs-dir", str(trained.root), "--json", "--class", klass,
+                       "--limit", "2")
     rows = json.loads(out)["disagreements"]
     assert 1 <= len(rows) <= 2 and all(r["label"] == klass for r in rows)
 
@@ -266,7 +270,7 @@ def test_errors_are_one_line_exit_2(trained: Trained, tmp_path: Path, case: str)
     else:
         extra = {"bad_split": ["--split", "holdout"], "bad_filter": ["--filter", "wrong"],
                  "bad_class": ["--class", "zebra"]}[case]
-    before = sorted(p.name for p in trained.student.predictions.glob("*")) if trained.student.predictions.exists() else []
+    before = {p.name for p in trained.student.predictions.glob("*")}
     code, out, err = cli("diff", good, other, "--runs-dir", str(trained.root), *extra)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
@@ -278,15 +282,15 @@ def test_errors_are_one_line_exit_2(trained: Trained, tmp_path: Path, case: str)
     assert expected in lines[0]
     if case in ("classes", "dataset"):  # refused before evaluating: no cache entry for the other file
         assert not (tmp_path / ".kdtui-predictions").exists()
-    after = sorted(p.name for p in trained.student.predictions.glob("*")) if trained.student.predictions.exists() else []
-    assert set(after) - set(before) <= {n for n in after if n.endswith(("-test.npz", "-val.npz"))}
+    after = {p.name for p in trained.student.predictions.glob("*")}
+    assert {n for n in after - before if not n.endswith(("-test.npz", "-val.npz"))} == set()  # no temp files left
 
 
 # ---------------------------------------------------------------- exports
 def test_export_csv_and_contact_sheet(trained: Trained, tmp_path: Path) -> None:
     ref_a, ref_b = f"{trained.student.id}@1", f"{trained.student.id}@2"
     out_dir = tmp_path / "export"
-    code, out, err = cli("diff", ref_a, ref_b, "--runs-dir", str(trained.root), "--export", str(out_dir),
+    code, _, err = cli("diff", ref_a, ref_b, "--runs-dir", str(trained.root), "--export", str(out_dir),
                          "--limit", "12", "--filter", "all")
     assert code == 0, err
     rows = list(csv.DictReader((out_dir / "disagreements.csv").open()))

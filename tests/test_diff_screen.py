@@ -141,7 +141,8 @@ async def test_missing_caches_are_filled_by_a_subprocess(trained: Trained, tmp_p
 
 def test_screen_module_is_torch_free() -> None:
     probe = "import sys, json, tui.screens.diff; print(json.dumps('torch' in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) is False
 
 
@@ -191,12 +192,12 @@ def synthetic(tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
-def test_snapshot_80x24(synthetic: Path, snap_compare) -> None:  # noqa: ANN001
+def test_snapshot_80x24(synthetic: Path, snap_compare: Callable[..., bool]) -> None:
     app = DiffApp(a=RUN_IDS[0], b=RUN_IDS[1], runs_dir=synthetic)
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
 
 
-def test_snapshot_large_filtered(synthetic: Path, snap_compare) -> None:  # noqa: ANN001
+def test_snapshot_large_filtered(synthetic: Path, snap_compare: Callable[..., bool]) -> None:
     app = DiffApp(a=RUN_IDS[0], b=f"{RUN_IDS[1]}@last", runs_dir=synthetic)
 
     async def filtered(pilot: Pilot) -> None:

@@ -30,6 +30,7 @@ batch_size = 16
 eval_batch_size = 256
 val_fraction = 0.2
 embedded_per_class = 8
+image_size = 16
 [model]
 arch = "{arch}"
 [optim]
@@ -107,7 +108,7 @@ def test_frozen_teacher_refuses_a_backbone_of_another_arch_or_dataset(tmp_path: 
         make_trainer(tmp_path, "hsakd_teacher", "resnet8_aux",
                      f'[teacher]\ncheckpoint = "{wrong_arch}"\n[teacher_training]\nfreeze_backbone = true\n')
     cifar = fake_checkpoint(tmp_path / "c100.pt", "resnet8", num_classes=100, dataset="cifar100")
-    with pytest.raises(CheckpointError, match=r"trained on cifar100 \(100 classes\) but this run's data set is embedded"):
+    with pytest.raises(CheckpointError, match=r"trained on cifar100 \(100 classes\) but this run.s data set"):
         make_trainer(tmp_path, "hsakd_teacher", "resnet8_aux",
                      f'[teacher]\ncheckpoint = "{cifar}"\n[teacher_training]\nfreeze_backbone = true\n', runs="r2")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.rundir import RunDir
+from engine.rundir import RunDir, iter_run_dirs
 from engine.trainer import EXIT_FAILED, EXIT_FINISHED, Trainer, train
 from tests.conftest import ROOT
 from tui.launcher import create_runs, engine_env, prepare
@@ -166,7 +166,7 @@ def test_kdtui_run_cli_end_to_end(tiny_recipe: Path, runs_dir: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-2].split(": ", 1)[1]) if "best" in result.stdout else None
-    runs = list(runs_dir.iterdir())
+    runs = [run.path for run in iter_run_dirs(runs_dir)]
     assert len(runs) == 1 and json.loads((runs[0] / "run.json").read_text())["status"] == "finished"
     assert run_dir is None or run_dir == runs[0].resolve()
     log = (runs[0] / "train.log").read_text()
@@ -179,4 +179,5 @@ def test_bad_recipe_creates_no_run_dir(tmp_path: Path, runs_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "tui", "run", str(bad)], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "optim.lr" in result.stderr and "Traceback" not in result.stderr
-    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+    made = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] if runs_dir.exists() else []
+    assert made == []

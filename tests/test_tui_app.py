@@ -7,16 +7,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from textual.pilot import Pilot
 
-import tui.widgets.format as fmt
-from tests.conftest import ROOT, TINY_RECIPE
-from tests.tui_fake import T0, fake_runs
+from tests.conftest import ROOT
+from tests.tui_fake import T0, run_async, wait_for, workspace
 from tui.app import KdtuiApp
 from tui.screens.compare import CompareScreen
 from tui.screens.dialogs import ConfirmDeleteScreen, PromptScreen
@@ -27,36 +25,12 @@ from tui.store import RunStore
 from tui.widgets.metric_plot import MetricPlot
 from tui.widgets.runs_table import RunsTable
 
-SWEEP = TINY_RECIPE.replace('name = "tiny"', 'name = "sweep"') + "\n[sweep]\n\"optim.lr\" = [0.1, 0.2, 0.3]\n"
-
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Fake runs in tmp/runs (synced into the store), recipes in tmp/recipes, cwd tmp, UTC, frozen clock."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    monkeypatch.setattr(fmt, "now", lambda: T0 + 2645)
-    root = tmp_path / "runs"
-    fake_runs(root)
-    RunStore(root).sync()
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "tiny.toml").write_text(TINY_RECIPE)
-    (recipes / "sweep.toml").write_text(SWEEP)
-    (recipes / "broken.toml").write_text(TINY_RECIPE.replace("lr = 0.05", "lr = -1"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KDTUI_RUNS_DIR", str(root))
-    yield root
+    yield workspace(tmp_path, monkeypatch)
     monkeypatch.undo()
     time.tzset()
-
-
-async def wait_for(pilot: Pilot, condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {condition.__code__.co_name}")
-        await pilot.pause(0.05)
 
 
 def names(app: KdtuiApp) -> list[str]:
@@ -68,6 +42,7 @@ def loaded(app: KdtuiApp) -> bool:
     return screen is not None and screen.loaded and not screen.syncing
 
 
+@run_async
 async def test_runs_table_filters_and_sorts(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(100, 30)) as pilot:
@@ -95,6 +70,7 @@ async def test_runs_table_filters_and_sorts(fake: Path) -> None:
         assert names(app)[:2] == ["queued", "lr-0.2"]
 
 
+@run_async
 async def test_run_view_survives_a_torn_line_and_follows_new_metrics(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(100, 30)) as pilot:
@@ -122,6 +98,7 @@ async def test_run_view_survives_a_torn_line_and_follows_new_metrics(fake: Path)
         assert app.screen is app.runs_screen
 
 
+@run_async
 async def test_missing_run_directory_is_shown_not_crashed_on(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(100, 30)) as pilot:
@@ -133,6 +110,7 @@ async def test_missing_run_directory_is_shown_not_crashed_on(fake: Path) -> None
         await wait_for(pilot, lambda: loaded(app) and "baseline" not in names(app))  # sync drops it
 
 
+@run_async
 async def test_corrupt_store_falls_back_to_the_run_folders(fake: Path) -> None:
     (fake / "kdtui.json").write_text("{ not json")
     app = KdtuiApp(fake, Path("recipes"))
@@ -142,6 +120,7 @@ async def test_corrupt_store_falls_back_to_the_run_folders(fake: Path) -> None:
         assert "unreadable run store" in str(app.screen.query_one("#runs-title").render())
 
 
+@run_async
 async def test_locked_store_is_reported(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tui.screens.runs.SYNC_LOCK_TIMEOUT_S", 0.2)
     app = KdtuiApp(fake, Path("recipes"))
@@ -152,6 +131,7 @@ async def test_locked_store_is_reported(fake: Path, monkeypatch: pytest.MonkeyPa
             assert len(names(app)) == 6
 
 
+@run_async
 async def test_compare_two_runs(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(120, 36)) as pilot:
@@ -173,6 +153,7 @@ async def test_compare_two_runs(fake: Path) -> None:
         assert plot.title == "val loss"
 
 
+@run_async
 async def test_tag_note_and_delete(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     store = RunStore(fake)
@@ -187,14 +168,16 @@ async def test_tag_note_and_delete(fake: Path) -> None:
         await wait_for(pilot, lambda: loaded(app))
         await pilot.press("end", "d")
         assert isinstance(app.screen, ConfirmDeleteScreen)
-        await pilot.press("k")  # forget it, keep the folder
+        await pilot.press("k")  # forget it, keep the folder under removed/
         await wait_for(pilot, lambda: store.get("20260105-080000-baseline-a001") is None)
-        assert (fake / "20260105-080000-baseline-a001" / "run.json").exists()
+        assert (fake / "removed" / "20260105-080000-baseline-a001" / "run.json").exists()
+        await wait_for(pilot, lambda: loaded(app) and "baseline" not in names(app))
         await pilot.press("home", "down", "d", "y")  # 'live' is running: refused
         await pilot.pause(0.3)
         assert (fake / "20260105-084000-live-a005").exists()
 
 
+@run_async
 async def test_recipes_show_validation_in_place_and_open_the_launch_dialog(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(120, 30)) as pilot:
@@ -222,6 +205,7 @@ async def test_recipes_show_validation_in_place_and_open_the_launch_dialog(fake:
         assert isinstance(app.screen, RecipesScreen)
 
 
+@run_async
 async def test_command_palette_switches_screens(fake: Path) -> None:
     app = KdtuiApp(fake, Path("recipes"))
     async with app.run_test(size=(100, 30)) as pilot:
@@ -236,23 +220,21 @@ PROBE = """
 import asyncio, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+from tests.tui_fake import wait_for
 from tui.app import KdtuiApp
 
 async def main():
     app = KdtuiApp(Path(sys.argv[2]), Path(sys.argv[3]))
     async with app.run_test(size=(100, 30)) as pilot:
-        for _ in range(100):
-            await pilot.pause(0.05)
-            if app.runs_screen and app.runs_screen.loaded and not app.runs_screen.syncing:
-                break
-        await pilot.press("down", "enter")
-        await pilot.pause(0.5)
-        await pilot.press("escape", "space", "down", "space", "c")
-        await pilot.pause(0.5)
-        await pilot.press("escape", "2", "down", "down")
-        await pilot.pause(0.5)
-        await pilot.press("enter")
-        await pilot.pause(0.8)
+        await wait_for(pilot, lambda: app.runs_screen and app.runs_screen.loaded and not app.runs_screen.syncing)
+        await pilot.press("down", "enter")  # run view
+        await wait_for(pilot, lambda: app.screen.query_one("#plot-loss").painted_points)
+        await pilot.press("escape", "space", "down", "space", "c")  # compare
+        await wait_for(pilot, lambda: app.screen.query_one("#compare-table").row_count == 2)
+        await pilot.press("escape", "2", "down", "down")  # recipes
+        await wait_for(pilot, lambda: "sweep of 3" in str(app.screen.query_one("#recipe-status").render()))
+        await pilot.press("enter")  # launch dialog, devices detected, sweep validated
+        await wait_for(pilot, lambda: "3 runs" in str(app.screen.query_one("#launch-summary").render()))
         print(type(app.screen).__name__)
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "tensorboard"))
     print("HEAVY", heavy)
@@ -267,3 +249,41 @@ def test_the_app_never_imports_torch(fake: Path) -> None:
     lines = out.stdout.strip().splitlines()
     assert lines[-2] == "LaunchScreen"  # every screen visited
     assert lines[-1] == "HEAVY []"
+
+
+@run_async
+async def test_relaunch_with_edits_queues_a_child_run(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the run manager's submit (as `kdtui relaunch`); only the supervisor start is stubbed."""
+    monkeypatch.setattr("tui.queue.start_supervisor", lambda root, lanes, caps: 4_000_001)
+    app = KdtuiApp(fake, Path("recipes"))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: loaded(app))
+        await pilot.press("end", "e")  # baseline
+        dialog = app.screen
+        assert isinstance(dialog, LaunchScreen) and "Relaunch baseline" in dialog.title_text
+        summary = dialog.query_one("#launch-summary")
+        await wait_for(pilot, lambda: "1 run of supervised resnet8 on cpu" in str(summary.render()))
+        assert dialog.query_one("#launch-devices").selected == ["cpu"]  # the run's own device
+        dialog.query_one("#launch-overrides").text = "optim.lr = 0.3\n"
+        await wait_for(pilot, lambda: not dialog.query_one("#launch-go").disabled and dialog.plan.runs == 1)
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunViewScreen))
+        child = app.screen.run
+        info = child.read_info()
+        assert info["parent"] == "20260105-080000-baseline-a001" and info["status"] == "queued"
+        assert "lr = 0.3" in child.recipe_path.read_text()
+        assert 4_000_001 in app.supervisors
+
+
+@run_async
+async def test_diff_key_opens_the_checkpoint_diff_screen(fake: Path) -> None:
+    from tui.screens.diff import DiffScreen
+
+    app = KdtuiApp(fake, Path("recipes"))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: loaded(app))
+        await pilot.press("end", "space", "space", "x")  # baseline and lr-0.1: A and B
+        assert isinstance(app.screen, DiffScreen)
+        assert app.screen.error  # the fake runs have no checkpoints: said on the screen, no crash
+        await pilot.press("escape")
+        assert app.screen is app.runs_screen

@@ -6,17 +6,26 @@ the test process's own pid so it reads as alive without a training process.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import math
 import os
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
+from textual.pilot import Pilot
 
 from tests.conftest import TINY_RECIPE
 
 T0 = 1_767_600_000.0  # 2026-01-05 08:00 UTC
 STEPS_PER_EPOCH = 10
+NOW = T0 + 2645  # the frozen clock: 'live' has been running 4m05s
+SWEEP = TINY_RECIPE.replace('name = "tiny"', 'name = "sweep"') + '\n[sweep]\n"optim.lr" = [0.1, 0.2, 0.3]\n'
 
 
 def events(epochs: int, lr: float, quality: float) -> list[dict[str, Any]]:
@@ -88,3 +97,44 @@ def fake_runs(root: Path) -> list[dict[str, Any]]:
                   offset_s=2400, truncated=True),
         write_run(root, "20260105-085000-queued-a006", name="queued", status="queued", epoch=0, offset_s=3000),
     ]
+
+
+def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test body with asyncio (no pytest async plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+async def wait_for(pilot: Pilot, condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Let the app run until `condition()` holds; fail with the condition's name after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {getattr(condition, '__name__', condition)}")
+        await pilot.pause(0.05)
+
+
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fake runs in tmp/runs (synced into the store), recipes in tmp/recipes, cwd tmp, UTC, a frozen clock.
+    Returns the runs root. Callers restore the time zone with `time.tzset()` after `monkeypatch.undo()`."""
+    from tui.store import RunStore
+    from tui.widgets import format as fmt
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.setattr(fmt, "now", lambda: NOW)
+    root = tmp_path / "runs"
+    fake_runs(root)
+    RunStore(root).sync()
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.toml").write_text(TINY_RECIPE)
+    (recipes / "sweep.toml").write_text(SWEEP)
+    (recipes / "broken.toml").write_text(TINY_RECIPE.replace("lr = 0.05", "lr = -1"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDTUI_RUNS_DIR", str(root))
+    return root

@@ -8,6 +8,8 @@ UI thread. It imports neither torch nor the engine's trainer, only torch-free mo
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +19,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import ModalScreen, Screen
 
-from engine.rundir import runs_root
+from engine.rundir import RunDir, runs_root
 from tui.screens import run_actions
 from tui.screens.recipes import RecipesScreen
 from tui.screens.runs import RunsScreen
@@ -41,10 +43,24 @@ class KdtuiApp(App[None]):
         self.runs_dir = runs_root(runs_dir)
         self.recipes_dir = recipes_dir or (Path("recipes") if Path("recipes").is_dir() else Path("."))
         self.runs_screen: RunsScreen | None = None
+        self.supervisors: set[int] = set()  # queue supervisors we started: reaped, so none lingers as a zombie
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Global keys do nothing under a dialog (typing '1' in an input must not switch screens)."""
         return not (action in ("switch_mode", "quit") and isinstance(self.screen, ModalScreen))
+
+    def adopt(self, pid: int) -> None:
+        self.supervisors.add(pid)
+
+    def reap(self) -> None:
+        """A supervisor that exited must not stay a zombie: its pid would still look alive."""
+        for pid in list(self.supervisors):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.supervisors.discard(pid)
 
     def refresh_runs(self) -> None:
         if self.runs_screen is not None:
@@ -71,18 +87,23 @@ class KdtuiApp(App[None]):
         refs = [str(doc.get("id")) for doc in docs[:2]]
         self.push_screen(DiffScreen(*refs, runs_dir=self.runs_dir))
 
-    def open_launch(self, recipe: Path, overrides: str = "", title: str | None = None) -> None:
+    def open_launch(self, recipe: Path, overrides: str = "", title: str | None = None, **kwargs: Any) -> None:
         from tui.screens.launch import LaunchScreen
 
-        self.push_screen(LaunchScreen(recipe, self.runs_dir, overrides, title), self._launched)
+        self.push_screen(LaunchScreen(recipe, self.runs_dir, overrides, title, **kwargs), self._launched)
 
     def relaunch(self, doc: dict[str, Any]) -> None:
-        """A new run from this run's resolved recipe, with the edits typed into the dialog."""
-        recipe = Path(str(doc.get("run_dir") or "")) / "recipe.toml"
-        if not recipe.is_file():
-            self.notify(f"cannot relaunch {doc.get('name')}: {recipe} is missing", severity="error")
+        """As `kdtui relaunch`: a new run from this run's resolved recipe and device, with typed edits."""
+        run = RunDir(Path(str(doc.get("run_dir") or "")))
+        if not run.recipe_path.is_file():
+            self.notify(f"cannot relaunch {doc.get('name')}: {run.recipe_path} is missing", severity="error")
             return
-        self.open_launch(recipe, "# edits, e.g.\n# optim.lr = 0.05\n", f"Relaunch {doc.get('name')} with edits")
+        info = run.read_info()
+        extra = {"parent": run.id, "recipe_path": info.get("recipe_path") or str(run.recipe_path),
+                 "recipe_hash": hashlib.sha256(run.recipe_path.read_bytes()).hexdigest()[:16]}
+        device = (info.get("launch") or {}).get("device") or info.get("device") or "cpu"
+        self.open_launch(run.recipe_path, "# edits, one a line, e.g.\n# optim.lr = 0.05\n",
+                         f"Relaunch {doc.get('name')} with edits", devices=[device], extra_info=extra)
 
     def _launched(self, runs: list[dict[str, Any]] | None) -> None:
         if not runs:
@@ -102,8 +123,13 @@ class KdtuiApp(App[None]):
         messages = []
         for doc in docs:
             try:
-                func = run_actions.stop if action == "stop" else run_actions.resume
-                messages.append(func(self.runs_dir, doc))
+                if action == "stop":
+                    messages.append(run_actions.stop(self.runs_dir, doc))
+                else:
+                    message, pid = run_actions.resume(self.runs_dir, doc)
+                    messages.append(message)
+                    if pid:
+                        self.call_from_thread(self.adopt, pid)
             except Exception as err:  # a failed action is a notification, not a crash
                 messages.append(f"{action} {doc.get('name')}: {err}")
         self.call_from_thread(self.notify, "\n".join(messages[:6]))

@@ -27,11 +27,11 @@ def _root(ctx: typer.Context) -> None:
         run_app()
 
 
+from tui.commands import bench  # noqa: E402,F401  (registers `kdtui bench devices` and `kdtui devices`)
 from tui.commands import core  # noqa: E402,F401  (registers commands)
 from tui.commands import diff  # noqa: E402,F401  (registers `kdtui diff`)
 from tui.commands import plot  # noqa: E402,F401  (registers `kdtui plot` and `kdtui watch`)
 from tui.commands import runs  # noqa: E402,F401  (registers runs/show/stop/relaunch/tag/note/rm/tensorboard)
-from tui.commands import bench  # noqa: E402,F401  (registers `kdtui bench devices` and `kdtui devices`)
 from tui.commands import slurm  # noqa: E402,F401  (registers `kdtui slurm`)
 
 

@@ -9,10 +9,15 @@ Device strings (`--device`, repeatable; each occurrence is one queue slot):
   cuda | cuda:N  one process on GPU N (`cuda` is cuda:0)
   cuda:N,M,...   one job over several GPUs (torchrun, nccl), one process per GPU
   mps            Apple GPU (not validated here)
+
+`DeviceLocks` are the per-device slots the queue (tui/queue.py) and `kdtui bench` hold
+while a job uses a device: flock()ed files under RUNS/.locks/, released by the kernel when
+the holder dies, so no stale lock outlives a crash.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import glob
 import json
@@ -22,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.errors import UserError
 
@@ -214,3 +220,38 @@ def describe(device: Device) -> str:
     if device.kind == "cpu":
         return f"cpu       {device.name}, {device.cores} cores" + (f", RAM {memory}" if memory else "")
     return f"cuda:{device.index:<4} {device.name}" + (f", {memory}" if memory else "")
+
+
+class DeviceLocks:
+    """Exclusive flock()s on runs/.locks/<device>.<k>.lock; released when closed or when the process dies."""
+
+    def __init__(self, root: Path, caps: dict[str, int]) -> None:
+        self.dir = root / ".locks"
+        self.caps = caps
+
+    def acquire(self, spec: DeviceSpec) -> list[int] | None:
+        """One free lock for every device the job uses, or None (nothing held) if any is busy."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        held: list[int] = []
+        for name in spec.slots:
+            fd = next((fd for k in range(self.caps.get(name, 1)) if (fd := self._try(f"{name}.{k}.lock")) is not None),
+                      None)
+            if fd is None:
+                self.release(held)
+                return None
+            held.append(fd)
+        return held
+
+    def _try(self, name: str) -> int | None:
+        fd = os.open(self.dir / name, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def release(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine.rundir import RunDir, effective_status
@@ -33,8 +34,7 @@ def follow(jobs: list[tuple[RunDir, subprocess.Popen[bytes] | None]], console: C
                TimeElapsedColumn(), TimeRemainingColumn())
     statuses: dict[str, str] = {}
     with Progress(*columns, console=console, transient=False) as bars:
-        tasks = {run.id: bars.add_task(run.read_info().get("name", run.id)[:30], total=None, stats="starting")
-                 for run, _ in jobs}
+        tasks = {run.id: bars.add_task(_label(run), total=None, stats="starting") for run, _ in jobs}
         stopping = False
         while len(statuses) < len(jobs):
             try:
@@ -63,6 +63,13 @@ def follow(jobs: list[tuple[RunDir, subprocess.Popen[bytes] | None]], console: C
                         except (ProcessLookupError, PermissionError):
                             pass
     return statuses
+
+
+def _label(run: RunDir) -> str:
+    """The run's name as plain text: its escapes and [markup] are shown, never interpreted."""
+    from tui.commands.common import plain
+
+    return escape(plain(run.read_info().get("name") or run.id)[:30])
 
 
 def _update(bars: Progress, task: int, run: RunDir, tail: JsonlTail) -> None:

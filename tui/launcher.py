@@ -42,7 +42,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] | None = None, runs_di
         recipe.data.root = str((Path.cwd() / recipe.data.root).resolve())
     if recipe.teacher.from_recipe and not recipe.teacher.checkpoint:
         recipe.teacher.checkpoint = str(teacher_checkpoint(source, Path(recipe.teacher.from_recipe), runs_dir))
-    return Prepared(source.resolve(), recipe, expand_sweep(recipe))
+    return Prepared(source.resolve(), recipe, expand_sweep(recipe, source))
 
 
 def teacher_checkpoint(source: Path, teacher_recipe: Path, runs_dir: Path | None) -> Path:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,14 +27,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from engine.errors import UserError
 from engine.rundir import RunDir, effective_status
-from tui.devices import DeviceSpec, cpu_cores, parse_device_spec
+from tui.devices import DeviceLocks, DeviceSpec, cpu_cores, parse_device_spec
 from tui.launcher import Prepared, create_runs, engine_command, engine_env, spawn
 from tui.store import RunStore, doc_from_run, files_stamp
 
 TERMINAL = ("finished", "failed", "interrupted")
 QUEUE_LOG = "queue.log"
+DIST_DIR = ".dist"  # per run: torchrun's file rendezvous stores (removed when the job ends)
 
 
 class QueueError(UserError):
@@ -56,9 +59,18 @@ class Distributed:
 def submit(prepared: Prepared, specs: list[DeviceSpec], runs_dir: Path, per_device: int = 1,
            multinode: Distributed = Distributed(),
            extra_info: dict[str, Any] | None = None) -> tuple[list[RunDir], int]:
-    """Create queued runs for every sweep point and start their supervisor; returns (runs, its pid).
+    """Create queued runs for every sweep point and start their supervisor; returns (runs, its pid)."""
+    runs, lanes, caps = queue_runs(prepared, specs, runs_dir, per_device, multinode, extra_info)
+    return runs, start_supervisor(runs_dir.resolve(), lanes, caps)
 
-    Without specs each point runs on its own recipe's train.device.
+
+def queue_runs(prepared: Prepared, specs: list[DeviceSpec], runs_dir: Path, per_device: int = 1,
+               multinode: Distributed = Distributed(), extra_info: dict[str, Any] | None = None,
+               ) -> tuple[list[RunDir], list[list[str]], dict[str, int]]:
+    """The queued run directories (in the store too), their lanes of run ids, and device capacities.
+
+    Point i goes to slot i mod S of the S = len(specs) * per_device slots; without specs each
+    point runs on its own recipe's train.device.
     """
     root = runs_dir.resolve()
     slots: list[DeviceSpec] = [spec for spec in specs for _ in range(per_device)]
@@ -85,7 +97,7 @@ def submit(prepared: Prepared, specs: list[DeviceSpec], runs_dir: Path, per_devi
         store.upsert(doc_from_run(run))
         runs.append(run)
         lanes[slot].append(run.id)
-    return runs, start_supervisor(root, [lane for lane in lanes if lane], capacity(slots))
+    return runs, [lane for lane in lanes if lane], capacity(slots)
 
 
 def capacity(slots: list[DeviceSpec]) -> dict[str, int]:
@@ -97,8 +109,23 @@ def capacity(slots: list[DeviceSpec]) -> dict[str, int]:
     return counts
 
 
+def run_lock(run: RunDir) -> FileLock:
+    """Serialises the launcher side's read-check-write of one run.json (queue claim and start, stop,
+    resume), so a stop never races a start. The engine writes run.json only while it runs."""
+    return FileLock(str(run.path / ".run.lock"), timeout=30)
+
+
 def submit_resume(run: RunDir, runs_dir: Path) -> int:
     """Queue an interrupted or failed run again (from last.pt when it has one); returns the supervisor pid."""
+    with run_lock(run):
+        info = _requeue(run)
+    spec = parse_device_spec((info.get("launch") or {}).get("device") or info.get("device") or "cpu")
+    root = runs_dir.resolve()
+    RunStore(root).upsert(doc_from_run(run))
+    return start_supervisor(root, [[run.id]], capacity([spec]))
+
+
+def _requeue(run: RunDir) -> dict[str, Any]:
     info = run.read_info()
     if not info:
         raise QueueError(f"{run.path}: not a run directory (no readable run.json)")
@@ -107,27 +134,25 @@ def submit_resume(run: RunDir, runs_dir: Path) -> int:
         raise QueueError(f"{run.id} is {status} (pid {info.get('pid') or info.get('queue_pid')}); stop it first")
     if status == "finished":
         raise QueueError(f"{run.id} already finished; `kdtui relaunch {run.id}` starts a new run like it")
+    if (info.get("launch") or {}).get("scheduler") == "slurm":
+        raise QueueError(f"{run.id} runs under SLURM: `sbatch {run.path / 'slurm.sbatch'}` resumes it from last.pt")
     if not (run.checkpoints / "last.pt").exists():  # starting over: drop the partial curves
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.tb_dir, ignore_errors=True)
-    spec = parse_device_spec((info.get("launch") or {}).get("device") or info.get("device") or "cpu")
-    run.update_info(status="queued", error=None, queue_pid=None, ended=None)
-    root = runs_dir.resolve()
-    RunStore(root).upsert(doc_from_run(run))
-    return start_supervisor(root, [[run.id]], capacity([spec]))
+    return run.update_info(status="queued", error=None, queue_pid=None, pid=None, ended=None, launch_token=None)
 
 
 def stop_run(run: RunDir) -> str:
     """SIGTERM a running job's process group (it checkpoints and becomes `interrupted`), or cancel a
     queued one. Returns what was done, for the user."""
-    info = run.read_info()
-    status = effective_status(info)
-    if status == "queued":
-        run.update_info(status="interrupted", error="stopped before it started", ended=time.time())
+    with run_lock(run):
         info = run.read_info()
-        if not info.get("pid"):
-            return f"{run.id}: cancelled before it started"
-    elif status != "running":
+        status = effective_status(info)
+        if status == "queued":
+            info = run.update_info(status="interrupted", error="stopped before it started", ended=time.time())
+            if not info.get("pid"):
+                return f"{run.id}: cancelled before it started"
+    if status not in ("queued", "running"):
         raise QueueError(f"{run.id} is not running (status {status})")
     pid = int(info["pid"])
     try:
@@ -151,7 +176,32 @@ def start_supervisor(root: Path, lanes: list[list[str]], caps: dict[str, int]) -
     with open(root / QUEUE_LOG, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=engine_env(), close_fds=True)
+    _SUPERVISORS[process.pid] = process
     return process.pid
+
+
+_SUPERVISORS: dict[int, subprocess.Popen[bytes]] = {}  # started by this process, reaped by reap()
+
+
+def reap() -> None:
+    """Collect supervisors of this process that ended (long-lived callers such as the TUI call this
+    now and then, so a finished supervisor does not linger as a zombie that still looks alive)."""
+    for pid, process in list(_SUPERVISORS.items()):
+        if process.poll() is not None:
+            del _SUPERVISORS[pid]
+
+
+def wait_supervisor(pid: int, timeout: float = 60.0) -> bool:
+    """Wait until a supervisor this process started has exited (its last store updates written)."""
+    process = _SUPERVISORS.get(pid)
+    if process is None:
+        return True
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    reap()
+    return True
 
 
 # ---------------------------------------------------------------- the command for one job
@@ -177,49 +227,20 @@ def job_command(run: RunDir, resume: bool) -> tuple[list[str], dict[str, str]]:
     if nnodes > 1:
         command += ["--node-rank", str(launch.get("node_rank") or 0), "--rdzv-backend", "static",
                     "--rdzv-endpoint", str(launch.get("rdzv_endpoint"))]
-    else:  # one machine: rendezvous and gloo traffic on the loopback interface only
-        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", run.id]
-        env.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
+    else:  # one machine: rendezvous through files in the run directory, so nothing listens on the
+        # network (torchrun's TCPStore binds every interface); gloo/nccl sockets stay on loopback
+        stores = run.path / DIST_DIR
+        stores.mkdir(exist_ok=True)
+        nonce = secrets.token_hex(4)
+        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(stores / f"rdzv-{nonce}"),
+                    "--rdzv-conf", "store_type=file", "--rdzv-id", run.id]
+        env.update(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", KDTUI_DIST_STORE=str(stores / f"group-{nonce}"))
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env[name] = os.environ.get(name, "lo")
     return [*command, "-m", "engine", str(run.path.resolve()), *(["--resume"] if resume else [])], env
 
 
 # ---------------------------------------------------------------- the supervisor
-
-
-class DeviceLocks:
-    """Exclusive flock()s on runs/.locks/<device>.<k>.lock; released when closed or when the process dies."""
-
-    def __init__(self, root: Path, caps: dict[str, int]) -> None:
-        self.dir = root / ".locks"
-        self.caps = caps
-
-    def acquire(self, spec: DeviceSpec) -> list[int] | None:
-        """One free lock for every device the job uses, or None (nothing held) if any is busy."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        held: list[int] = []
-        for name in spec.slots:
-            fd = next((fd for k in range(self.caps.get(name, 1)) if (fd := self._try(f"{name}.{k}.lock")) is not None),
-                      None)
-            if fd is None:
-                self.release(held)
-                return None
-            held.append(fd)
-        return held
-
-    def _try(self, name: str) -> int | None:
-        fd = os.open(self.dir / name, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
-
-    @staticmethod
-    def release(fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
 
 
 @dataclass
@@ -231,7 +252,7 @@ class Lane:
     run: RunDir | None = None
     locks: list[int] = field(default_factory=list)
     stamp: float = 0.0
-    resume: bool = False
+    token: str = ""
 
 
 class Supervisor:
@@ -251,8 +272,9 @@ class Supervisor:
         for lane in self.lanes:  # claim the runs: if this process dies they show as interrupted
             for run_id in lane.pending:
                 run = RunDir(self.root / run_id)
-                if run.read_info().get("status") == "queued":
-                    run.update_info(queue_pid=os.getpid())
+                with run_lock(run):
+                    if run.read_info().get("status") == "queued":
+                        run.update_info(queue_pid=os.getpid())
         while any(lane.pending or lane.process for lane in self.lanes):
             for lane in self.lanes:
                 if lane.process is not None:
@@ -278,21 +300,28 @@ class Supervisor:
 
     def _start_next(self, lane: Lane) -> None:
         run = RunDir(self.root / lane.pending[0])
-        info = run.read_info()
-        if info.get("status") != "queued":  # stopped or removed while waiting
+        if not run.path.is_dir():  # removed while waiting
             lane.pending.pop(0)
             return
-        spec = parse_device_spec((info.get("launch") or {}).get("device") or info.get("device") or "cpu", check=False)
-        locks = self.locks.acquire(spec)
-        if locks is None:  # the device is busy with another queue's job: wait
-            return
-        lane.pending.pop(0)
-        resume = (run.checkpoints / "last.pt").exists()
-        command, env = self.command(run, resume)
-        lane.process, lane.run, lane.locks, lane.resume = spawn(run, resume, command, env), run, locks, resume
+        with run_lock(run):
+            info = run.read_info()
+            if info.get("status") != "queued":  # stopped while waiting
+                lane.pending.pop(0)
+                return
+            launch = info.get("launch") or {}
+            spec = parse_device_spec(launch.get("device") or info.get("device") or "cpu", check=False)
+            locks = self.locks.acquire(spec)
+            if locks is None:  # the device is busy with another queue's job: wait
+                return
+            lane.pending.pop(0)
+            resume = (run.checkpoints / "last.pt").exists()
+            command, env = self.command(run, resume)
+            lane.process, lane.run, lane.locks = spawn(run, resume, command, env), run, locks
+            lane.token = secrets.token_hex(4)  # marks this launch: a later resume's launch is not ours
+            run.update_info(launch_token=lane.token)
+            if int(launch.get("node_rank") or 0) > 0:  # global rank 0 (which writes run.json) is elsewhere
+                run.update_info(status="running", started=time.time())
         _log(f"{run.id}: started pid {lane.process.pid} on {spec.text}: {' '.join(command)}")
-        if int((info.get("launch") or {}).get("node_rank") or 0) > 0:  # rank 0 is on another node
-            run.update_info(status="running", started=time.time())
         self._record(lane)
 
     def _watch(self, lane: Lane) -> None:
@@ -302,17 +331,20 @@ class Supervisor:
             if files_stamp(lane.run) != lane.stamp:  # progress: keep the store current
                 self._record(lane)
             return
-        info = lane.run.read_info()
-        if info.get("status") not in TERMINAL:  # the engine could not say how it ended
-            node = int((info.get("launch") or {}).get("node_rank") or 0)
-            if code == 0 and node > 0:
-                status, error = "finished", None
-            elif code < 0 or code in (130, 143):
-                status, error = "interrupted", f"engine killed (exit {code}); resume continues from last.pt"
-            else:
-                status, error = "failed", f"engine exited with code {code} before reporting; see train.log"
-            lane.run.update_info(status=status, error=error, ended=time.time())
+        with run_lock(lane.run):
+            info = lane.run.read_info()
+            ours = info.get("launch_token") == lane.token
+            if ours and info.get("status") not in TERMINAL:  # the engine could not say how it ended
+                node = int((info.get("launch") or {}).get("node_rank") or 0)
+                if code == 0 and node > 0:
+                    status, error = "finished", None
+                elif code < 0 or code in (130, 143):
+                    status, error = "interrupted", f"engine killed (exit {code}); resume continues from last.pt"
+                else:
+                    status, error = "failed", f"engine exited with code {code} before reporting; see train.log"
+                lane.run.update_info(status=status, error=error, ended=time.time())
         _log(f"{lane.run.id}: exited with code {code} ({lane.run.read_info().get('status')})")
+        shutil.rmtree(lane.run.path / DIST_DIR, ignore_errors=True)
         self.locks.release(lane.locks)
         self._record(lane)
         lane.process, lane.run, lane.locks = None, None, []
@@ -320,9 +352,13 @@ class Supervisor:
     def _cancel(self, lane: Lane) -> None:
         for run_id in lane.pending:
             run = RunDir(self.root / run_id)
-            if run.read_info().get("status") == "queued":
-                run.update_info(status="interrupted", error="queue stopped before this run started", ended=time.time())
-                self.store.upsert(doc_from_run(run))
+            if not run.path.is_dir():
+                continue
+            with run_lock(run):
+                if run.read_info().get("status") == "queued":
+                    run.update_info(status="interrupted", error="queue stopped before this run started",
+                                    ended=time.time())
+            self.store.upsert(doc_from_run(run))
         lane.pending.clear()
 
     def _record(self, lane: Lane) -> None:

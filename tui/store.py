@@ -1,30 +1,34 @@
 """Run history: `runs/kdtui.json`, one small TinyDB document per run, rebuilt from run dirs at will.
 
 The run directories are the source of truth; this file is a searchable index of them.
-TinyDB is not safe across processes, so every write holds one inter-process file lock
-(`kdtui.json.lock`) and replaces the file atomically (temp file + os.replace): a reader never
-sees a torn file, and readers need no lock. Torch-free.
+The file is TinyDB's format (`{"runs": {doc_id: document}}`, readable with
+`TinyDB(path, storage=AtomicJSONStorage)`). TinyDB is not safe across processes, so every
+write holds one inter-process file lock (`kdtui.json.lock`), reads and writes the file once,
+and replaces it atomically (temp file + os.replace): a reader never sees a torn file, and
+readers need no lock. Torch-free.
 
 Document fields (stable; `kdtui runs --json` prints a list of these, `kdtui show --json` one):
 id, name, status, method, arch, dataset, device, pid, host, run_dir, recipe_path, recipe_hash,
-params (the resolved recipe as dotted keys), epoch, epochs, step, best (metric -> value, plus
-`epoch` and `metric`), last (latest eval metrics), created, started, ended (unix seconds),
-tags, note, error, git_commit, sweep_point, parent (id this run was relaunched from), and
-`synced` (internal: the run files' mtime the document reflects).
+params (the resolved recipe as dotted keys: STABLE_PARAMS always, other keys only where they
+differ from the schema default, to keep documents small), epoch, epochs, step, best (metric ->
+value, plus `epoch` and `metric`), last (latest eval metrics), created, started, ended (unix
+seconds), tags, note, error, git_commit, sweep_point, parent (id this run was relaunched from),
+and `synced` (internal: the run files' mtime the document reflects).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
-from tinydb import Query, TinyDB
 from tinydb.storages import Storage
-from tinydb.table import Table
 
 from engine.errors import UserError
 from engine.rundir import RunDir, atomic_write_text, effective_status, iter_run_dirs
@@ -34,6 +38,10 @@ TABLE = "runs"
 ANNOTATIONS = "annotations.json"  # per run: user tags and note (kdtui tag / note, the TUI)
 ACTIVE = ("queued", "running")
 LOCK_TIMEOUT_S = 60.0
+STABLE_PARAMS = ("run.name", "run.method", "data.dataset", "data.root", "data.batch_size", "data.scale", "model.arch",
+                 "optim.name", "optim.lr", "schedule.name", "train.epochs", "train.seed", "train.device",
+                 "checkpoint.every")  # DESIGN.md: keys scripts rely on; always in `params`
+_MISSING = object()
 
 
 class StoreError(UserError):
@@ -64,8 +72,17 @@ class AtomicJSONStorage(Storage):
         return data
 
     def write(self, data: dict[str, Any]) -> None:
+        """Temp file + os.replace: readers see the old or the new file, never a mix. No fsync: the
+        index is rebuilt from the run directories if a power cut ever leaves it unreadable."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(data, separators=(",", ":"), default=str))
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(data, separators=(",", ":"), default=str))  # dumps: the C encoder
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _corrupt(path: Path, reason: str) -> StoreError:
@@ -81,40 +98,40 @@ class RunStore:
         self.path = self.root / STORE_FILE
         self.lock = FileLock(str(self.root / f"{STORE_FILE}.lock"), timeout=LOCK_TIMEOUT_S)
 
-    # ---------------------------------------------------------------- plumbing
-    def _locked(self) -> FileLock:
+    def _modify(self, change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
+        """Holding the lock: read the table (doc_id -> document) once, let `change` edit it in place,
+        write it once if it returns True. (TinyDB's own upsert rewrites the file up to three times.)"""
         self.root.mkdir(parents=True, exist_ok=True)
-        return self.lock
-
-    def _table(self) -> tuple[TinyDB, Table]:
-        db = TinyDB(self.path, storage=AtomicJSONStorage)
-        return db, db.table(TABLE, cache_size=0)  # no query cache: other processes write too
-
-    def _write(self, func: Any) -> Any:
-        """Run func(table) holding the lock (one writer at a time across processes)."""
         try:
-            with self._locked():
-                db, table = self._table()
-                try:
-                    return func(table)
-                finally:
-                    db.close()
+            with self.lock:
+                storage = AtomicJSONStorage(self.path)
+                data = storage.read() or {}
+                table = data.setdefault(TABLE, {})
+                if change(table):
+                    storage.write(data)
         except Timeout:
             raise StoreError(f"{self.lock.lock_file}: run store locked for over {LOCK_TIMEOUT_S:.0f} s "
                              f"by another process") from None
 
-    def _write_all(self, docs: list[dict[str, Any]]) -> None:
-        """Replace the whole table in one write (caller holds the lock)."""
-        AtomicJSONStorage(self.path).write({TABLE: {str(i): doc for i, doc in enumerate(docs, start=1)}})
-
     # ---------------------------------------------------------------- API
     def upsert(self, doc: dict[str, Any]) -> None:
         """Insert or replace the document whose `id` is doc['id']."""
-        self._write(lambda t: t.upsert(doc, Query().id == doc["id"]))
+        def change(table: dict[str, dict[str, Any]]) -> bool:
+            key = _key_of(table, doc["id"]) or str(max(map(int, table), default=0) + 1)
+            table[key] = doc
+            return True
+
+        self._modify(change)
 
     def update(self, run_id: str, **fields: Any) -> None:
         """Set fields on one document; a run not in the store is left alone."""
-        self._write(lambda t: t.update(fields, Query().id == run_id))
+        def change(table: dict[str, dict[str, Any]]) -> bool:
+            key = _key_of(table, run_id)
+            if key is not None:
+                table[key] = {**table[key], **fields}
+            return key is not None
+
+        self._modify(change)
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         return next((doc for doc in self.all() if doc.get("id") == run_id), None)
@@ -141,7 +158,7 @@ class RunStore:
         return sort_docs(docs, sort, descending) if sort else docs
 
     def remove(self, run_id: str) -> None:
-        self._write(lambda t: t.remove(Query().id == run_id))
+        self._modify(lambda table: table.pop(_key_of(table, run_id) or "", None) is not None)
 
     def sync(self) -> list[dict[str, Any]]:
         """Reconcile with the run directories and return every document.
@@ -150,10 +167,11 @@ class RunStore:
         `running` into `interrupted`), adds directories the store lacks and drops documents
         whose directory is gone. Writes only when something changed.
         """
-        def reconcile(table: Table) -> list[dict[str, Any]]:
-            docs = {doc["id"]: dict(doc) for doc in table.all() if "id" in doc}
-            changed = False
-            seen = set()
+        result: list[dict[str, Any]] = []
+
+        def reconcile(table: dict[str, dict[str, Any]]) -> bool:
+            docs = {doc["id"]: doc for doc in table.values() if isinstance(doc, dict) and "id" in doc}
+            changed, seen = False, set()
             for run in iter_run_dirs(self.root):
                 seen.add(run.id)
                 old = docs.get(run.id)
@@ -165,24 +183,30 @@ class RunStore:
                 if not Path(str(docs[run_id].get("run_dir", ""))).exists():
                     del docs[run_id]
                     changed = True
-            result = sorted(docs.values(), key=lambda d: str(d["id"]))
+            result.extend(sorted(docs.values(), key=lambda d: str(d["id"])))
             if changed:
-                self._write_all(result)
-            return result
+                table.clear()
+                table.update({str(i): doc for i, doc in enumerate(result, start=1)})
+            return changed
 
-        if not self.root.is_dir():
-            return []
-        return self._write(reconcile)
+        if self.root.is_dir():
+            self._modify(reconcile)
+        return result
 
     def rebuild(self) -> int:
         """Recreate kdtui.json from the run directories alone (a corrupt store is simply replaced)."""
         docs = [doc_from_run(run) for run in iter_run_dirs(self.root)]
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
-            with self._locked():
-                self._write_all(docs)
+            with self.lock:
+                AtomicJSONStorage(self.path).write({TABLE: {str(i): doc for i, doc in enumerate(docs, start=1)}})
         except Timeout:
             raise StoreError(f"{self.lock.lock_file}: run store locked by another process") from None
         return len(docs)
+
+
+def _key_of(table: dict[str, dict[str, Any]], run_id: str) -> str | None:
+    return next((key for key, doc in table.items() if isinstance(doc, dict) and doc.get("id") == run_id), None)
 
 
 # ---------------------------------------------------------------- documents
@@ -193,10 +217,9 @@ def doc_from_run(run: RunDir) -> dict[str, Any]:
     info = run.read_info()
     notes = read_annotations(run)
     try:
-        params = flatten(tomllib.loads(run.recipe_path.read_text(encoding="utf-8")))
+        params = recipe_params(tomllib.loads(run.recipe_path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         params = {}
-    params.pop("sweep", None)
     status = effective_status(info) if info else "failed"
     return {
         "id": run.id,
@@ -228,6 +251,21 @@ def doc_from_run(run: RunDir) -> dict[str, Any]:
         "parent": info.get("parent"),
         "synced": files_stamp(run),
     }
+
+
+def recipe_params(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The resolved recipe as dotted keys, small: the stable keys plus every value that differs
+    from the schema default (absent = default; `engine.recipe.Recipe()` has them all)."""
+    defaults = _default_params()
+    return {key: value for key, value in flatten(recipe).items()
+            if key in STABLE_PARAMS or (key != "sweep" and defaults.get(key, _MISSING) != value)}
+
+
+@functools.cache
+def _default_params() -> dict[str, Any]:
+    from engine.recipe import Recipe
+
+    return flatten(Recipe().to_dict())
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -282,13 +320,14 @@ def metric_value(doc: dict[str, Any], key: str) -> Any:
 
 def sort_docs(docs: list[dict[str, Any]], key: str, descending: bool = True) -> list[dict[str, Any]]:
     """Sorted by metric_value; documents without the value always come last."""
-    have = [d for d in docs if isinstance(metric_value(d, key), int | float | str)]
-    missing = [d for d in docs if d not in have]
+    keyed = [(metric_value(d, key), d) for d in docs]
+    have = [(v, d) for v, d in keyed if isinstance(v, int | float | str) and not isinstance(v, bool)]
+    missing = [d for v, d in keyed if not (isinstance(v, int | float | str) and not isinstance(v, bool))]
     try:
-        have.sort(key=lambda d: metric_value(d, key), reverse=descending)
+        have.sort(key=lambda pair: pair[0], reverse=descending)
     except TypeError:  # mixed numbers and strings
-        have.sort(key=lambda d: str(metric_value(d, key)), reverse=descending)
-    return have + missing
+        have.sort(key=lambda pair: str(pair[0]), reverse=descending)
+    return [d for _, d in have] + missing
 
 
 def _haystack(doc: dict[str, Any]) -> str:

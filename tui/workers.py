@@ -67,17 +67,15 @@ class RunTail:
     def poll(self) -> RunUpdate | None:
         update = RunUpdate(self.run.id)
         missing = not self.run.path.is_dir()
-        if missing != self.missing:
-            self.missing = update.missing = missing
-            if missing:
-                return update
+        flipped, self.missing = missing != self.missing, missing
+        update.missing = missing
         if missing:
-            return None
+            return update if flipped else None
         update.reset = self._check_rewritten()
         update.events = self.metrics.read_new()
         update.log_lines = self._read_log()
         update.info = self._read_info()
-        changed = update.reset or update.events or update.log_lines or update.info is not None
+        changed = flipped or update.reset or update.events or update.log_lines or update.info is not None
         return update if changed else None
 
     def _check_rewritten(self) -> bool:

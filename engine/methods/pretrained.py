@@ -52,7 +52,9 @@ def load_backbone(model: nn.Module, path: str | Path, arch: str) -> None:
     try:
         missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in head}, strict=False)
     except RuntimeError as err:  # same names, other shapes
-        raise CheckpointError(f"{path}: weights do not fit {arch!r}: {str(err).splitlines()[-1].strip()[:200]}") from None
+        reason = str(err).splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"{path}: weights do not fit {arch!r}: {reason}") from None
     missing = [k for k in missing if k not in head]
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit {arch!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{path}: weights do not fit {arch!r}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")

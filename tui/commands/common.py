@@ -26,10 +26,27 @@ Overrides = Annotated[
 ]
 
 
+def plain(text: object) -> str:
+    """User-given text (run names, tags, notes, errors) made safe for a terminal: control and format
+    characters (ESC, newlines, NUL, bidi overrides) are shown escaped, so a run name cannot move the
+    cursor, recolour the screen or fake extra lines."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def plain_doc(value: Any) -> Any:
+    """`plain` applied to every string in a run document (keys and values), for text output."""
+    if isinstance(value, str):
+        return plain(value)
+    if isinstance(value, dict):
+        return {plain(k): plain_doc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_doc(v) for v in value]
+    return value
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one line to stderr and return the Exit to raise."""
-    text = message.replace("\n", "\\n").replace("\x1b", "\\x1b")
-    print(f"kdtui: error: {text}", file=sys.stderr)
+    print(f"kdtui: error: {plain(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 

@@ -27,7 +27,7 @@ def check(
     for path in recipes:
         try:
             recipe = load_recipe(path, overrides)
-            points = len(expand_sweep(recipe))
+            points = len(expand_sweep(recipe, path))
             print(f"ok: {path} ({recipe.run.method}, {recipe.model.arch} on {recipe.data.dataset}"
                   + (f", {points} sweep points" if points > 1 else "") + ")")
         except RecipeError as err:

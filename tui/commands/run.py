@@ -10,7 +10,7 @@ import typer
 
 from engine.rundir import RunDir
 from tui.cli import app
-from tui.commands.common import Overrides, RunsDir, fail, root, user_errors
+from tui.commands.common import Overrides, RunsDir, fail, plain, root, user_errors
 
 if TYPE_CHECKING:
     from tui.devices import DeviceSpec
@@ -92,9 +92,14 @@ class QueuedJob:
 
 
 def _follow(runs: list[RunDir], queue_pid: int) -> dict[str, str]:
+    """Progress until every run ends; then let the queue record the last results before returning."""
     from tui.follow import follow
+    from tui.queue import wait_supervisor
 
-    return follow([(run_dir, QueuedJob(run_dir, queue_pid)) for run_dir in runs])  # type: ignore[misc]
+    statuses = follow([(run_dir, QueuedJob(run_dir, queue_pid)) for run_dir in runs])  # type: ignore[misc]
+    if len(statuses) == len(runs):
+        wait_supervisor(queue_pid)
+    return statuses
 
 
 def _report(runs: list[RunDir], statuses: dict[str, str]) -> None:
@@ -107,7 +112,7 @@ def _report(runs: list[RunDir], statuses: dict[str, str]) -> None:
                           if isinstance(v, float) and k.endswith(("top1", "top5", "loss")))
         print(f"{status}: {run_dir.path}" + (f"\n  best (epoch {best.get('epoch')}): {shown}" if shown else ""))
         if info.get("error"):
-            print(f"  error: {info['error']}")
+            print(f"  error: {plain(info['error'])}")
         failed |= status != "finished"
     if failed:
         raise typer.Exit(1)

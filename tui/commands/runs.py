@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from tui.cli import app
-from tui.commands.common import Overrides, RunsDir, fail, root, user_errors
+from tui.commands.common import Overrides, RunsDir, fail, plain, plain_doc, root, user_errors
 from tui.commands.run import Detach, Devices, PerDevice, _follow, _report, find_run
 
 RunRef = Annotated[str, typer.Argument(help="Run id, unique id prefix, run name, or run directory.")]
@@ -81,6 +81,7 @@ def _print_table(docs: list[dict[str, Any]], sort: str | None) -> None:
         rows.append([doc["id"], doc.get("status") or "", doc.get("method") or "", doc.get("arch") or "",
                      str(doc.get("device") or ""), f"{doc.get('epoch') or 0}/{doc.get('epochs') or '?'}", shown,
                      " ".join(doc.get("tags") or [])])
+    rows = [[plain(cell) for cell in row] for row in rows]  # a tag with ESC or a newline prints as text
     header = ["ID", "STATUS", "METHOD", "ARCH", "DEVICE", "EPOCH", "BEST", "TAGS"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -117,6 +118,7 @@ def show(run_ref: RunRef, runs_dir: RunsDir = None,
     if as_json:
         print(json.dumps(doc, indent=2, default=str))
         return
+    doc = plain_doc(doc)  # names, tags, notes and errors reach the terminal as text, never as escapes
     when = {k: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc[k])) if doc.get(k) else "-"
             for k in ("created", "started", "ended")}
     print(f"{doc['id']}  ({doc['name']})")
@@ -179,7 +181,9 @@ def relaunch(
              "recipe_hash": hashlib.sha256(run.recipe_path.read_bytes()).hexdigest()[:16]}
     new, queue_pid = submit(prepared, specs, run.path.parent, per_device, extra_info=extra)
     print(f"relaunched {run.id} as {', '.join(r.id for r in new)}")
-    if not detach:
+    if detach:
+        print(f"queue: pid {queue_pid}")
+    else:
         _report(new, _follow(new, queue_pid))
 
 
@@ -203,7 +207,7 @@ def tag(run_ref: RunRef, tag_: Annotated[str, typer.Argument(metavar="TAG", help
         tags.append(tag_)
     write_annotations(run, tags=tags)
     RunStore(run.path.parent).upsert(doc_from_run(run))
-    print(f"{run.id}: tags {' '.join(tags) or '(none)'}")
+    print(f"{run.id}: tags {plain(' '.join(tags)) or '(none)'}")
 
 
 @app.command()

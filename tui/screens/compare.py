@@ -96,6 +96,8 @@ class CompareScreen(Screen[None]):
         self.app.call_from_thread(self._fill_table, params)
 
     def _fill_table(self, params: list[dict[str, Any]]) -> None:
+        if not self.is_attached:  # a worker finishing after the screen closed
+            return
         self.params = params
         table = self.query_one(DataTable)
         table.clear(columns=True)

@@ -36,11 +36,11 @@ class PromptScreen(ModalScreen[str | None]):
 
 
 class ConfirmDeleteScreen(ModalScreen[str | None]):
-    """'files' (delete the run folder too), 'keep' (forget it, keep the folder) or None."""
+    """'files' (delete the run folders), 'keep' (move them to RUNS/removed/) or None."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "choose('files')", "delete with files"),
-        Binding("k", "choose('keep')", "keep files"),
+        Binding("k", "choose('keep')", "keep folders"),
         Binding("escape,n", "choose(None)", "cancel", key_display="esc"),
     ]
 
@@ -53,8 +53,8 @@ class ConfirmDeleteScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog"):
             yield Static(f"Delete {len(self.names)} run(s)?", classes="dialog-title")
             yield Static(shown)
-            yield Static("y: delete the runs and their folders · k: forget them, keep the folders · "
-                         "Esc: cancel", classes="dialog-help")
+            yield Static("y: delete the runs and their folders · k: forget them, move the folders to "
+                         "removed/ · Esc: cancel", classes="dialog-help")
 
     def action_choose(self, choice: str | None) -> None:
         self.dismiss(choice)

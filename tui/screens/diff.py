@@ -40,7 +40,7 @@ from engine.rundir import iter_run_dirs, runs_root
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 NAME_W = 7  # class names in the table are cut to this
-MAX_ROWS = 2000  # DataTable paints slowly beyond a few thousand rows; narrow with the filters
+MAX_ROWS = 500  # DataTable fills slowly with thousands of rows (~0.4 ms each); narrow with the filters
 FILTER_LABELS = {"all": "all disagreements", "a_right": "A right, B wrong", "b_right": "A wrong, B right",
                  "both_wrong": "both wrong"}
 RENDERERS = {"auto": "Image", "halfcell": "HalfcellImage", "unicode": "UnicodeImage", "sixel": "SixelImage",
@@ -135,7 +135,10 @@ class DiffScreen(Screen[None]):
                  image_renderer: str | None = None) -> None:
         super().__init__()
         self.root = runs_root(runs_dir)
-        self.split, self.filter, self.class_name, self.device = split, filter, None, device
+        self.split = split if split in ("test", "val", "train") else "test"
+        self.filter = filter if filter in FILTERS else "all"
+        self.class_name: str | None = None
+        self.device = device
         renderer = image_renderer or os.environ.get("KDTUI_IMAGE", "auto")
         self.image_class = getattr(image_widgets, RENDERERS.get(renderer, "Image"))
         self.sides = {"a": Side(), "b": Side()}
@@ -150,6 +153,7 @@ class DiffScreen(Screen[None]):
         self.diff: Diff | None = None
         self.view: Any = None
         self.rows: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.row_index: dict[Any, int] = {}  # table row key -> sample index
         self.token = 0
         self.loaded_key: tuple[Any, ...] | None = None
 
@@ -340,18 +344,19 @@ class DiffScreen(Screen[None]):
             return
         self.rows = self.diff.select(self.filter, self.class_name)
         names, d = self.diff.class_names, self.diff
-        for i in self.rows[:MAX_ROWS].tolist():
-            table.add_row(str(i), names[d.a.labels[i]][:NAME_W], answer(names[d.a.pred[i]], d.a.top_prob[i, 0]),
-                          answer(names[d.b.pred[i]], d.b.top_prob[i, 0]), key=str(i))
-        shown = f"{len(self.rows)} rows" + (f", first {MAX_ROWS} shown" if len(self.rows) > MAX_ROWS else "")
+        shown = self.rows[:MAX_ROWS].tolist()
+        keys = table.add_rows((str(i), names[d.a.labels[i]][:NAME_W], answer(names[d.a.pred[i]], d.a.top_prob[i, 0]),
+                               answer(names[d.b.pred[i]], d.b.top_prob[i, 0])) for i in shown)
+        self.row_index = {key: i for key, i in zip(keys, shown, strict=True)}
+        count = f"{len(self.rows)} rows" + (f", first {MAX_ROWS} shown" if len(self.rows) > MAX_ROWS else "")
         where = FILTER_LABELS[self.filter] + (f" · {self.class_name}" if self.class_name else "")
-        table.border_title = f"{where} · {shown}"
+        table.border_title = f"{where} · {count}"
         self.show_detail(int(self.rows[0]) if len(self.rows) else None)
 
     @on(DataTable.RowHighlighted)
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key is not None and event.row_key.value is not None:
-            self.show_detail(int(event.row_key.value))
+        if event.row_key in self.row_index:
+            self.show_detail(self.row_index[event.row_key])
 
     def show_detail(self, index: int | None) -> None:
         caption, image = self.query_one("#diff-caption", Static), self.query_one("#diff-image")
@@ -370,7 +375,7 @@ class DiffScreen(Screen[None]):
         image.image = upscale(pixels) if pixels is not None else None
         for bar, p in zip(bars, (d.a, d.b), strict=True):
             top = [(names[int(c)], float(q)) for c, q in zip(p.top_idx[index], p.top_prob[index], strict=True)]
-            bar.show(f"{p.meta.get('arch')} ep {p.meta.get('epoch')}", top, truth, float(np.exp(-p.loss[index])))
+            bar.show(str(p.meta.get('arch')), top, truth, float(np.exp(-p.loss[index])))
 
 
 def read_caches(a: Path, b: Path, split: str) -> tuple[Diff | None, Any]:

@@ -20,6 +20,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label, SelectionList, Static, TextArea
 from textual.widgets.selection_list import Selection
 
+from tui.widgets.format import error_line, shown_path
 from tui.widgets.key_footer import KeyFooter
 
 CHECK_DELAY_S = 0.3
@@ -84,16 +85,17 @@ def plan(recipe: Path, overrides: list[str], devices: list[str], runs_dir: Path)
     return Plan(runs, f"{what} of {prepared.recipe.run.method} {prepared.recipe.model.arch} on {where}{queue}")
 
 
-def launch(recipe: Path, overrides: list[str], devices: list[str], runs_dir: Path) -> list[dict[str, Any]]:
+def launch(recipe: Path, overrides: list[str], devices: list[str], runs_dir: Path,
+           extra_info: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], int]:
     """The run manager's queue entry point (as `kdtui run --detach`): queued runs and a detached
-    supervisor that starts them through the launcher. Returns their run.json dicts."""
+    supervisor that starts them through the launcher. Returns their run.json dicts and its pid."""
     from tui.devices import parse_device_spec
     from tui.launcher import prepare
     from tui.queue import submit
 
     specs = [parse_device_spec(device) for device in devices]
-    runs, _ = submit(prepare(recipe, overrides, runs_dir), specs, runs_dir)
-    return [run.read_info() for run in runs]
+    runs, queue_pid = submit(prepare(recipe, overrides, runs_dir), specs, runs_dir, extra_info=extra_info)
+    return [run.read_info() for run in runs], queue_pid
 
 
 class LaunchScreen(ModalScreen[list[dict[str, Any]] | None]):
@@ -102,25 +104,29 @@ class LaunchScreen(ModalScreen[list[dict[str, Any]] | None]):
         Binding("escape", "cancel", "cancel", key_display="esc"),
     ]
 
-    def __init__(self, recipe: Path, runs_dir: Path, overrides: str = "", title: str | None = None) -> None:
+    def __init__(self, recipe: Path, runs_dir: Path, overrides: str = "", title: str | None = None,
+                 devices: list[str] | None = None, extra_info: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.recipe, self.runs_dir = recipe, runs_dir
         self.overrides_text = overrides
-        self.title_text = title or f"Launch {recipe}"
+        self.wanted_devices = devices  # preselected (a relaunch keeps its run's device)
+        self.extra_info = extra_info
+        self.title_text = title or f"Launch {shown_path(recipe)}"
         self.plan = Plan(error="checking...")
+        self.generation, self.checking, self.launch_requested = 0, True, False
         self.launching = False
 
     def compose(self) -> ComposeResult:
         with Vertical(id="launch-dialog", classes="dialog"):
             yield Static(self.title_text, classes="dialog-title")
-            yield Label("devices (space toggles; several = one run per device, a sweep is queued over them)")
+            yield Label("devices: space toggles; a sweep's runs are queued over the selected devices")
             yield SelectionList[str](id="launch-devices")
             yield Label("overrides: one `section.key = value` a line")
             yield TextArea(self.overrides_text, id="launch-overrides", soft_wrap=True, compact=True)
             yield Static("checking...", id="launch-summary")
             with Horizontal(id="launch-buttons"):
-                yield Button("launch ^l", variant="primary", id="launch-go")
-                yield Button("cancel esc", id="launch-cancel")
+                yield Button("launch ^l", variant="primary", id="launch-go", compact=True)
+                yield Button("cancel esc", id="launch-cancel", compact=True)
         yield KeyFooter()
 
     def on_mount(self) -> None:
@@ -136,23 +142,31 @@ class LaunchScreen(ModalScreen[list[dict[str, Any]] | None]):
         self.app.call_from_thread(self._show_devices, choices)
 
     def _show_devices(self, choices: list[tuple[str, str, bool]]) -> None:
+        if not self.is_attached:  # a worker finishing after the screen closed
+            return
         devices = self.query_one("#launch-devices", SelectionList)
         devices.clear_options()
+        if self.wanted_devices:
+            known = {value for _, value, _ in choices}
+            choices = [(label, value, value in self.wanted_devices) for label, value, _ in choices]
+            choices += [(f"{d}  (this run's device; not detected here)", d, True) for d in self.wanted_devices
+                        if d not in known]
         devices.add_options([Selection(label, value, selected) for label, value, selected in choices])
         self._schedule_check()
 
     @on(SelectionList.SelectedChanged)
     @on(TextArea.Changed)
     def _schedule_check(self) -> None:
-        self.plan = Plan(error="checking...")
-        self._check()
+        self.generation += 1
+        self.plan, self.checking = Plan(error="checking..."), True
+        self._check(self.generation)
 
     def _inputs(self) -> tuple[list[str], list[str]]:
         devices = list(self.query_one("#launch-devices", SelectionList).selected)
         return parse_overrides(self.query_one("#launch-overrides", TextArea).text), devices
 
     @work(thread=True, exclusive=True, group="check")
-    def _check(self) -> None:
+    def _check(self, generation: int) -> None:
         import time
 
         time.sleep(CHECK_DELAY_S)  # debounce typing; an exclusive worker replaces this one
@@ -160,22 +174,33 @@ class LaunchScreen(ModalScreen[list[dict[str, Any]] | None]):
         try:
             result = plan(self.recipe, overrides, devices, self.runs_dir) if devices else Plan(error="pick a device")
         except Exception as err:  # RecipeError, device errors: shown, never raised
-            result = Plan(error=str(err) or type(err).__name__)
-        self.app.call_from_thread(self._show_plan, result)
+            result = Plan(error=error_line(err))
+        self.app.call_from_thread(self._show_plan, result, generation)
 
-    def _show_plan(self, result: Plan) -> None:
+    def _show_plan(self, result: Plan, generation: int | None = None) -> None:
+        if not self.is_attached or generation not in (None, self.generation):
+            return  # the screen closed, or the inputs changed since this check started
         self.plan = result
+        self.checking = generation is None and self.checking
         summary = self.query_one("#launch-summary", Static)
         if result.error:
             summary.update(Text(result.error, style="bold red"))
         else:
             summary.update(Text(result.text, style="bold"))
         self.query_one("#launch-go", Button).disabled = bool(result.error)
+        if self.launch_requested and not self.checking:
+            self.launch_requested = False
+            self.action_launch()
 
     @on(Button.Pressed, "#launch-go")
     def action_launch(self) -> None:
-        if self.plan.error or self.launching:
-            self.notify(self.plan.error or "launching...", severity="warning")
+        if self.launching:
+            return
+        if self.checking:  # pressed while the last edit is being validated: launch once it passes
+            self.launch_requested = True
+            return
+        if self.plan.error:
+            self.notify(self.plan.error, severity="warning")
             return
         self.launching = True
         self._launch(*self._inputs())
@@ -183,10 +208,11 @@ class LaunchScreen(ModalScreen[list[dict[str, Any]] | None]):
     @work(thread=True, exclusive=True, group="launch")
     def _launch(self, overrides: list[str], devices: list[str]) -> None:
         try:
-            runs = launch(self.recipe, overrides, devices, self.runs_dir)
+            runs, queue_pid = launch(self.recipe, overrides, devices, self.runs_dir, self.extra_info)
         except Exception as err:  # shown in the dialog; nothing half-started
-            self.app.call_from_thread(self._failed, str(err) or type(err).__name__)
+            self.app.call_from_thread(self._failed, error_line(err))
             return
+        self.app.call_from_thread(self.app.adopt, queue_pid)  # type: ignore[attr-defined]
         self.app.call_from_thread(self.dismiss, runs)
 
     def _failed(self, error: str) -> None:

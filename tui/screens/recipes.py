@@ -16,6 +16,7 @@ from textual.screen import Screen
 from textual.widgets import DirectoryTree, Static
 
 from tui.messages import RecipeChecked
+from tui.widgets.format import error_line, shown_path
 from tui.widgets.key_footer import KeyFooter
 
 SKIPPED_DIRS = {"__pycache__", "runs", "data", "node_modules"}
@@ -44,9 +45,9 @@ def check_recipe(path: Path) -> RecipeChecked:
         recipe = load_recipe(path)
         points = len(expand_sweep(recipe))
     except RecipeError as err:
-        return RecipeChecked(str(path), "", str(err))
+        return RecipeChecked(str(path), "", error_line(err))
     except Exception as err:  # any surprise is shown in place, never a crash
-        return RecipeChecked(str(path), "", f"{path}: {type(err).__name__}: {err}")
+        return RecipeChecked(str(path), "", f"{shown_path(path)}: {type(err).__name__}: {err}")
     sweep = f", sweep of {points} runs" if points > 1 else ""
     summary = (f"ok: {recipe.run.method}, {recipe.model.arch} on {recipe.data.dataset}, "
                f"{recipe.train.epochs} epochs, device {recipe.train.device}{sweep}")

@@ -47,8 +47,9 @@ def status_line(info: dict[str, Any], curves: Curves, missing: bool) -> Text:
     if missing:
         return Text.assemble((f"{name}  ", "bold"), ("run directory missing: ", "bold red"), str(info.get("run_dir")))
     status = status_of(info)
-    parts: list[str] = [f"epoch {fmt_progress(info)}"]
     train = curves.last.get("train", {})
+    epoch = train.get("epoch") if status == "running" and isinstance(train.get("epoch"), int) else None
+    parts: list[str] = [f"epoch {epoch}/{info.get('epochs', '?')}" if epoch else f"epoch {fmt_progress(info)}"]
     if "step" in train:
         parts.append(f"step {train['step']}")
     if isinstance(train.get("loss"), int | float):
@@ -107,6 +108,7 @@ class RunViewScreen(Screen[None]):
         self.info: dict[str, Any] = dict(doc)
         self.curves = Curves()
         self.missing = False
+        self.recipe_loaded = False
         self.buffer = UpdateBuffer()
 
     def compose(self) -> ComposeResult:
@@ -126,7 +128,7 @@ class RunViewScreen(Screen[None]):
     def on_mount(self) -> None:
         self._load_recipe()
         self._tail()
-        self._show_info()
+        self.call_after_refresh(self._show_info)  # the tab panes mount after this screen
 
     @work(thread=True, exclusive=True, group="tail")
     def _tail(self) -> None:
@@ -141,11 +143,20 @@ class RunViewScreen(Screen[None]):
         self.app.call_from_thread(self._show_recipe, text)
 
     def _show_recipe(self, text: str) -> None:
+        if not self.is_attached:  # a worker finishing after the screen closed
+            return
+        if not self.query("#run-recipe"):  # the tab panes are not mounted yet
+            self.call_after_refresh(self._show_recipe, text)
+            return
         syntax = Syntax(text, "toml", theme="ansi_dark", line_numbers=True)
         self.query_one("#run-recipe", Static).update(syntax)
+        self.recipe_loaded = True
 
     def on_runs_tailed(self, message: RunsTailed) -> None:
         message.stop()
+        if not self.query("#plot-loss"):  # the tab panes are not mounted yet: come back after a refresh
+            self.call_after_refresh(self.post_message, RunsTailed())
+            return
         for update in self.buffer.drain():
             if update.missing != self.missing:
                 self.missing = update.missing
@@ -167,7 +178,8 @@ class RunViewScreen(Screen[None]):
 
     def _show_info(self) -> None:
         self.query_one("#run-status", Static).update(status_line(self.info, self.curves, self.missing))
-        self.query_one("#run-info", Static).update(info_table(self.info))
+        for info in self.query("#run-info").results(Static):
+            info.update(info_table(self.info))
 
     # ---------------------------------------------------------------- actions
     def action_tab(self, tab: str) -> None:

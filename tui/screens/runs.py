@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,9 +77,10 @@ def load_docs(root: Path, sync: bool) -> RunsLoaded:
     except Exception as err:  # a locked or corrupt store degrades to reading the folders
         warning = f"run store unavailable ({err}); showing the run folders"
         docs = [info for run in iter_run_dirs(root) if (info := run.read_info())]
-    for doc in docs:
-        run_dir = doc.get("run_dir")
-        doc["_missing"] = bool(run_dir) and not os.path.isdir(run_dir)
+    if sync or warning:  # (skipped on the fast first read: ten thousand stats would delay the first paint)
+        for doc in docs:
+            run_dir = doc.get("run_dir")
+            doc["_missing"] = bool(run_dir) and not os.path.isdir(run_dir)
     return RunsLoaded(docs, warning)
 
 
@@ -106,6 +108,7 @@ class RunsScreen(Screen[None]):
         self.warning: str | None = None
         self.loaded = False
         self.syncing = False
+        self.painted = threading.Event()
         self.store_mtime: int | None = None
 
     def compose(self) -> ComposeResult:
@@ -139,8 +142,10 @@ class RunsScreen(Screen[None]):
         self.store_mtime = self._store_mtime()
         first = load_docs(self.root, sync=False)
         first.syncing = sync
+        self.painted.clear()
         self.post_message(first)
         if sync:
+            self.painted.wait(timeout=2.0)  # let the UI thread paint before the sync competes for the GIL
             self.post_message(load_docs(self.root, sync=True))
             self.store_mtime = self._store_mtime()
 
@@ -154,8 +159,10 @@ class RunsScreen(Screen[None]):
         self.docs, self.warning, self.loaded, self.syncing = message.docs, message.warning, True, message.syncing
         self.hay = {}
         self.apply_view()
+        self.call_after_refresh(self.painted.set)
 
     def _tick(self) -> None:
+        self.app.reap()  # type: ignore[attr-defined]
         if self.loaded:
             self._refresh_active([dict(d) for d in self.docs if d.get("status") in ACTIVE and not d.get("_missing")])
 
@@ -250,8 +257,8 @@ class RunsScreen(Screen[None]):
     def action_sort(self) -> None:
         """Cycle: each column descending, then ascending, then the next column."""
         table = self.table
-        text_first = table.sort_key in TEXT_SORTED
-        if table.descending == text_first:  # first direction shown: flip it
+        first_descending = table.sort_key not in TEXT_SORTED  # numbers and times: largest first
+        if table.descending == first_descending:  # still the first direction: flip it
             table.descending = not table.descending
         else:
             keys = table.visible_keys()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from engine.rundir import effective_status
@@ -89,3 +90,20 @@ def short(text: Any, width: int) -> str:
     """Cut to `width` cells with an ellipsis; control characters become spaces."""
     text = "".join(ch if ch.isprintable() else " " for ch in str(text if text is not None else ""))
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def shown_path(path: str | Path) -> str:
+    """A path relative to the working directory when it is under it: short, and the same on every machine."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def error_line(err: Exception) -> str:
+    """One line for an error; a RecipeError names its file relative to the working directory."""
+    file, key, message = (getattr(err, name, None) for name in ("file", "key", "message"))
+    if isinstance(file, str) and isinstance(message, str):
+        where = shown_path(file) if Path(file).exists() else file
+        return f"{where}: {key}: {message}" if key else f"{where}: {message}"
+    return str(err) or type(err).__name__

@@ -32,7 +32,8 @@ class MetricPlot(PlotextPlot):
         self.title = title
         self.log_capable = log_capable
         self.lines: list[Line] = []
-        self.painted_points = 0  # points in the last built figure (the bench reads it)
+        self.painted_points = 0  # points in the last built figure (tests and the bench read these)
+        self.painted_x = float("-inf")  # the largest x painted
         self.paints = 0
 
     def set_lines(self, lines: list[Line]) -> None:
@@ -47,16 +48,16 @@ class MetricPlot(PlotextPlot):
         plt.clear_figure()
         log = self.log_y and self.log_capable
         limit = max(2 * self.size.width, 50)
-        painted = 0
+        painted, right = 0, float("-inf")
         for index, line in enumerate(self.lines):
             xs, ys = positive(line.xs, line.ys) if log else (line.xs, line.ys)
             xs, ys = decimate(xs, ys, limit)
             if xs:
                 plt.plot(xs, ys, label=line.label, color=COLORS[index % len(COLORS)])
-                painted += len(xs)
+                painted, right = painted + len(xs), max(right, xs[-1])
         if log:
             plt.yscale("log")
         plt.title(self.title + (" (log)" if log else "") + ("" if painted else " - no data yet"))
         plt.xlabel("epoch")
-        self.painted_points, self.paints = painted, self.paints + 1
+        self.painted_points, self.painted_x, self.paints = painted, right, self.paints + 1
         return super().render()
