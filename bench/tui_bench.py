@@ -67,8 +67,9 @@ def write_runs(root: Path, count: int) -> Path:
                                                         batch=64 * (1 + i % 2), lr=0.01 * (1 + i % 9),
                                                         epochs=epochs, seed=i % 3))
     live = root / sorted(os.listdir(root))[-1]
-    events = [{"time": t0, "epoch": 1 + s // 391, "step": s, "split": "train", "kind": "step", "loss": 4.6 / (1 + s / 500),
-               "top1": min(0.9, s / 9000), "top5": min(0.99, s / 4000), "lr": 0.05} for s in range(20, 6000, 20)]
+    events = [{"time": t0, "epoch": 1 + s // 391, "step": s, "split": "train", "kind": "step",
+               "loss": 4.6 / (1 + s / 500), "top1": min(0.9, s / 9000), "top5": min(0.99, s / 4000), "lr": 0.05}
+              for s in range(20, 6000, 20)]
     (live / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     from tui.store import RunStore
 

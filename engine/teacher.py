@@ -4,8 +4,9 @@ A teacher is rebuilt from what its checkpoint says about itself (`arch`, `num_cl
 `dataset`, `class_names`), never from the student's recipe, and refused with one line if it
 was trained on other classes than the data it is asked to teach. It is kept out of the
 student's checkpoints (the recipe names it, so a resumed run reloads it) and is frozen for
-good: eval() mode, no gradients, and forward passes under no_grad, so its weights and BN
-running statistics cannot move.
+good: eval() mode, no gradients, and forward passes under inference_mode (no autograd
+bookkeeping; in the caller's autocast precision), so its weights and BN running statistics
+cannot move.
 """
 
 from __future__ import annotations
@@ -61,21 +62,22 @@ class Teacher:
             raise CheckpointError(f"{path}: weights do not fit arch {self.arch!r}: {first}") from None
         self.model = freeze(model.to(device))
 
-    @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
         """Main-head class logits (an `_aux` teacher runs its backbone only)."""
         self.model.eval()
-        return (self.model.backbone if self.auxiliary else self.model)(x)
+        with torch.inference_mode():
+            out = (self.model.backbone if self.auxiliary else self.model)(x)
+        return out.clone()  # inference tensors cannot be saved for backward; a loss may need to
 
-    @torch.no_grad()
     def logits_and_aux(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(main logits, [branch joint logits]) of an `_aux` teacher."""
         if not self.auxiliary:
             raise CheckpointError(f"{self.path}: teacher arch {self.arch!r} has no auxiliary branches; "
                                   "hsakd needs an *_aux teacher (train one with method hsakd_teacher)")
         self.model.eval()
-        main, aux = self.model(x)
-        return main, list(aux)
+        with torch.inference_mode():
+            main, aux = self.model(x)
+        return main.clone(), [a.clone() for a in aux]
 
 
 def load_backbone(backbone: nn.Module, arch: str, path: str | Path, data: DataBundle) -> None:

@@ -72,6 +72,25 @@ def setup_torch(recipe: Recipe) -> torch.device:
     return device
 
 
+def apply_speed_switches(method: Method, recipe: Recipe) -> None:
+    """`train.channels_last`: the method's networks, and every batch the training model sees, in
+    NHWC (what tensor cores and oneDNN convolutions prefer). `train.compile`: torch.compile the
+    training model in place (`Module.compile`), so there is no wrapper and state-dict keys stay
+    those of the plain model: checkpoints load into `build_model` with no `_orig_mod.` prefix."""
+    if recipe.train.channels_last:
+        for module in method.modules_to_save().values():
+            module.to(memory_format=torch.channels_last)
+        method.model.register_forward_pre_hook(_channels_last_inputs)
+    if recipe.train.compile:
+        method.model.compile()
+
+
+def _channels_last_inputs(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    del module
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+
+
 class Trainer:
     def __init__(self, run: RunDir, resume: bool = False) -> None:
         self.run = run
@@ -87,6 +106,7 @@ class Trainer:
         self.method: Method = method_class(r.run.method)(r, self.data, self.device)
         distributed.prepare_modules(self.dist, self.method.modules_to_save(), r.train.seed, r.train.sync_bn,
                                     self.device)
+        apply_speed_switches(self.method, r)
         self.optimizer = build_optimizer(r.optim, self.method.parameter_groups())
         self.drop_last = self.method.drop_last or self.dist.needs_drop_last(len(self.data.train), r.data.batch_size)
         batches = self.data.train.num_batches(r.data.batch_size, self.drop_last)
@@ -352,6 +372,9 @@ class Trainer:
         if self.progress.step or not self.dist.is_main:
             return
         model = self.method.eval_model()
+        if getattr(model, "_compiled_call_impl", None) is not None:  # jit.trace cannot trace a compiled module
+            print("kdtui: TensorBoard graph skipped (train.compile)", flush=True)
+            return
         size = self.data.image_size
         try:
             was_training = model.training

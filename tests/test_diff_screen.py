@@ -187,7 +187,11 @@ def synthetic_runs(root: Path) -> None:
 
 
 @pytest.fixture
-def synthetic(tmp_path: Path) -> Path:
+def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from textual_image._terminal import CellSize, get_cell_size
+
+    # the image's size in cells follows the terminal's cell size in pixels: pin it (run from a tty or not)
+    monkeypatch.setattr(get_cell_size, "_result", CellSize(10, 20), raising=False)
     synthetic_runs(tmp_path / "runs")
     return tmp_path / "runs"
 

@@ -97,9 +97,20 @@ def test_frozen_teacher_trains_only_the_branches(tmp_path: Path) -> None:
     trainer._train_epoch(0)  # real training steps
     assert trainer.progress.step == 3
     assert not model.backbone.training and model.auxiliary_classifier.training
+    trainer.method.evaluate(trainer.data.val, 64)  # evaluation between epochs must not wake the backbone
+    assert not model.backbone.training and model.auxiliary_classifier.training
     assert_equal_states(clone_state(model.backbone), load_checkpoint(backbone)["model"])  # weights + BN stats
     changed = [k for k, v in model.auxiliary_classifier.state_dict().items() if not torch.equal(v, branches_before[k])]
     assert len(changed) == len(branches_before)  # every branch weight and BN statistic moved
+
+
+def test_frozen_teacher_can_start_from_the_backbone_of_an_aux_checkpoint(tmp_path: Path) -> None:
+    source = fake_checkpoint(tmp_path / "aux.pt", "resnet8_aux")
+    trainer = make_trainer(tmp_path, "hsakd_teacher", "resnet8_aux",
+                           f'[teacher]\ncheckpoint = "{source}"\n[teacher_training]\nfreeze_backbone = true\n')
+    expected = {k.removeprefix("backbone."): v for k, v in load_checkpoint(source)["model"].items()
+                if k.startswith("backbone.")}
+    assert_equal_states(clone_state(trainer.method.model.backbone), expected)
 
 
 def test_frozen_teacher_refuses_a_backbone_of_another_arch_or_dataset(tmp_path: Path) -> None:
@@ -243,6 +254,12 @@ def test_teacher_of_another_dataset_is_a_clear_error(tmp_path: Path) -> None:
     assert main([str(run.path)]) == 2
     info = RunDir(run.path).read_info()
     assert info["status"] == "failed" and "trained on cifar100" in info["error"]
+
+
+def test_hsakd_needs_a_teacher_with_branches(tmp_path: Path) -> None:
+    plain = fake_checkpoint(tmp_path / "plain.pt", "resnet8")
+    with pytest.raises(CheckpointError, match="has no auxiliary branches; hsakd needs an \\*_aux teacher"):
+        make_trainer(tmp_path, "hsakd", "resnet8_aux", f'[teacher]\ncheckpoint = "{plain}"\n')
 
 
 @pytest.mark.parametrize(("extra", "key", "words"), [

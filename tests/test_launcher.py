@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.rundir import RunDir, effective_status, iter_run_dirs
-from tests.conftest import write_recipe
+from tests.conftest import ROOT, write_recipe
 from tui.cli import app
 from tui.devices import Device, DeviceError, DeviceLocks, parse_device_spec
 from tui.launcher import prepare
@@ -168,8 +169,9 @@ def test_two_devices_run_two_processes_at_once(tiny_recipe: Path, runs_dir: Path
 def test_sigkilled_run_shows_interrupted_and_resumes(tiny_recipe: Path, runs_dir: Path) -> None:
     sets = [arg for item in ["train.epochs=4", "train.max_steps_per_epoch=2", "data.embedded_per_class=8"]
             for arg in ("--set", item)]
-    code, out, err = invoke("run", str(tiny_recipe), "--detach", *sets)
-    assert code == 0, err
+    launcher = subprocess.run([sys.executable, "-m", "tui", "run", str(tiny_recipe), "--detach", *sets], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert launcher.returncode == 0, launcher.stderr  # `kdtui run --detach` has exited: the queue goes on
     (run,) = iter_run_dirs(runs_dir)
     wait_for(lambda: (run.checkpoints / "last.pt").exists(), what="the first checkpoint")
     info = run.read_info()

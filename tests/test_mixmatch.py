@@ -158,7 +158,7 @@ def test_mixmatch_trains_evaluates_its_ema_and_resumes_bit_exactly(tmp_path: Pat
     assert [e["lambda_u"] for e in steps[:6]] == pytest.approx([0, 18.75, 37.5, 56.25, 75, 75])
     state = load_checkpoint(reference.checkpoints / "last.pt")
     ema, raw = state["model"], state["modules"]["model"]
-    assert state["extra"]["step"] == 12 and all(torch.equal(ema[k], state["extra"]["ema"][k]) for k in ema)
+    assert state["extra"]["step"] == 12 and all(torch.equal(ema[k], state["modules"]["ema"][k]) for k in ema)
     assert not torch.equal(ema["fc.weight"], raw["fc.weight"])
     # the logged test accuracy is the EMA's, and `kdtui eval` reproduces it from the checkpoint
     logged = [e for e in reference.events() if e["split"] == "test"][-1]

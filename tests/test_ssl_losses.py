@@ -70,7 +70,8 @@ def _ddp_worker(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, queue:
     b = z2[rank * n:(rank + 1) * n].clone().requires_grad_(True)
     loss, _, positive = nt_xent(a, b, 0.5)
     loss.backward()
-    queue.put((rank, float(loss.detach()), a.grad.tolist(), b.grad.tolist(), positive.tolist()))
+    local = float(nt_xent(a, b, 0.5, gather=False)[0])  # evaluation: no collective, this rank's rows only
+    queue.put((rank, float(loss.detach()), a.grad.tolist(), b.grad.tolist(), positive.tolist(), local))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -97,7 +98,9 @@ def test_nt_xent_under_ddp_gathers_negatives_with_gradients() -> None:
         p.join(timeout=60)
     assert sum(r[1] for r in results) / 2 == pytest.approx(float(full.detach()), rel=1e-5)
     assert results[1][4] == [9, 10, 11, 3, 4, 5]  # rank 1's positives in the global key order
-    # each rank's gradient is the sum over both ranks' losses; DDP divides by the world size
+    assert results[0][5] == pytest.approx(float(nt_xent(z1[:3], z2[:3], 0.5)[0]), rel=1e-6)
+    # each rank's gradient is the sum over both ranks' losses; the trainer weights each rank's loss by
+    # its share of the batch (1/2) before summing gradients over ranks (DDP would average: the same)
     grad_a = torch.tensor([row for r in results for row in r[2]]) / 2
     grad_b = torch.tensor([row for r in results for row in r[3]]) / 2
     assert torch.allclose(grad_a, a.grad, atol=1e-6) and torch.allclose(grad_b, b.grad, atol=1e-6)

@@ -27,12 +27,10 @@ def _root(ctx: typer.Context) -> None:
         run_app()
 
 
-from tui.commands import bench  # noqa: E402,F401  (registers `kdtui bench devices` and `kdtui devices`)
-from tui.commands import core  # noqa: E402,F401  (registers commands)
-from tui.commands import diff  # noqa: E402,F401  (registers `kdtui diff`)
-from tui.commands import plot  # noqa: E402,F401  (registers `kdtui plot` and `kdtui watch`)
-from tui.commands import runs  # noqa: E402,F401  (registers runs/show/stop/relaunch/tag/note/rm/tensorboard)
-from tui.commands import slurm  # noqa: E402,F401  (registers `kdtui slurm`)
+# Each module registers its commands on `app` when imported; all are torch-free at import.
+from tui.commands import bench, core, diff, plot, runs, slurm  # noqa: E402
+
+COMMAND_MODULES = (bench, core, diff, plot, runs, slurm)
 
 
 def main() -> None:

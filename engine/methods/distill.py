@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from engine.data import DataBundle
 from engine.data import augment as aug
+from engine.errors import CheckpointError
 from engine.methods import losses
 from engine.methods.base import Method, StepOutput
 from engine.models import is_auxiliary
@@ -50,6 +51,11 @@ class StudentMethod(Method):
         self.temperature = cfg.temperature or DEFAULT_TEMPERATURE.get(recipe.run.method, 1.0)
         self.aux_student = is_auxiliary(recipe.model.arch)
         self.teacher = Teacher(recipe.teacher.checkpoint, data, device) if self.needs_teacher else None
+        if self.rotations and self.teacher is not None and not self.teacher.auxiliary:
+            raise CheckpointError(f"{self.teacher.path}: teacher arch {self.teacher.arch!r} has no auxiliary branches; "
+                                  f"{recipe.run.method} needs an *_aux teacher (train one with method hsakd_teacher)")
+        if self.teacher is not None and recipe.train.channels_last:  # the trainer converts only saved modules
+            self.teacher.model.to(memory_format=torch.channels_last)
         self.aux_head = self._build_aux_head(cfg.aux_stage).to(device) if cfg.aux_stage else None
 
     # ---- construction ---------------------------------------------------------

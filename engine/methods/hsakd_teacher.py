@@ -76,7 +76,11 @@ class HSAKDTeacher(Method):
 
     @torch.no_grad()
     def evaluate(self, split: Split, batch_size: int) -> dict[str, float]:
-        return evaluate_auxiliary(self.eval_model(), split, batch_size, self.data.mean, self.data.std, self.device)
+        was_training = self.model.training
+        metrics = evaluate_auxiliary(self.eval_model(), split, batch_size, self.data.mean, self.data.std, self.device)
+        if was_training:
+            self.train_mode()  # model.train(True) would also wake the frozen backbone's BN
+        return metrics
 
 
 def evaluate_auxiliary(model: nn.Module, split: Split, batch_size: int, mean: tuple[float, ...],

@@ -87,17 +87,21 @@ class MixMatch(Method):
     def eval_model(self) -> nn.Module:
         return self.ema
 
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "ema": self.ema}  # the trainer saves, restores and syncs both
+
     def extra_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "step": self.step}
+        return {"step": self.step}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
 
     def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
-        del images, labels  # the clock only: MixMatch draws its own labelled / unlabelled batches
+        """The trainer's batch is the clock only: its size (this rank's share under torchrun) is
+        how many labelled and unlabelled images to draw; its images and labels are not used."""
+        del images
         cfg, train = self.recipe.semi, self.data.train
-        batch = self.recipe.data.batch_size
+        batch = len(labels)
         rows_x, rows_u = draw(self.labelled, batch, generator), draw(self.unlabelled, batch, generator)
         x = self.augment(gather_images(train, rows_x, self.device), generator)
         targets_x = F.one_hot(train.labels[rows_x], self.data.num_classes).float().to(self.device)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from engine.data import DataBundle, Split
 from engine.data import augment as aug
 from engine.methods.base import Method, StepOutput
-from engine.methods.ssl_losses import ProjectionHead, knn_predict, nt_xent
+from engine.methods.ssl_losses import ProjectionHead, knn_predict, nt_xent, world_size
 from engine.recipe import Recipe, RecipeError
 
 
@@ -72,6 +72,10 @@ class SimCLR(Method):
 
     def __init__(self, recipe: Recipe, data: DataBundle, device: torch.device) -> None:
         require_full_batches(recipe, data, "simclr")
+        if recipe.data.batch_size % world_size():
+            raise RecipeError(f"recipe {recipe.run.name!r}", "data.batch_size",
+                              f"{recipe.data.batch_size} does not split evenly over {world_size()} processes; "
+                              "SimCLR gathers equal shares of the global batch")
         super().__init__(recipe, data, device)
         cfg = recipe.ssl
         self.knn = KNNMonitor(data, device, cfg.knn_k, cfg.knn_temperature)
@@ -88,11 +92,13 @@ class SimCLR(Method):
         return aug.simclr_views(images, generator, mean=self.data.mean, std=self.data.std, crop_scale=cfg.crop_scale,
                                 jitter=cfg.jitter, jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, flip_p=cfg.flip_p)
 
-    def contrastive_loss(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(NT-Xent, fraction of rows whose positive is the most similar key) for one batch."""
+    def contrastive_loss(self, images: Tensor, generator: torch.Generator,
+                         gather: bool = True) -> tuple[Tensor, Tensor]:
+        """(NT-Xent, fraction of rows whose positive is the most similar key) for one batch;
+        under torchrun the negatives span every rank's share of the batch unless gather=False."""
         v1, v2 = self.views(images, generator)
         z1, z2 = self.model(torch.cat([v1, v2])).chunk(2)  # one pass: BN sees both views
-        loss, logits, positive = nt_xent(z1, z2, self.recipe.ssl.temperature)
+        loss, logits, positive = nt_xent(z1, z2, self.recipe.ssl.temperature, gather)
         return loss, (logits.argmax(dim=1) == positive).float().mean()
 
     def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
@@ -104,7 +110,8 @@ class SimCLR(Method):
 
     @torch.no_grad()
     def evaluate(self, split: Split, batch_size: int) -> dict[str, float]:
-        """NT-Xent on the split (views from a fixed seed) and the backbone's kNN top-1."""
+        """NT-Xent on the split (views from a fixed seed, negatives within each eval batch) and the
+        backbone's kNN top-1; both per-sample means, as torchrun's sharded evaluation expects."""
         model = self.model
         was_training = model.training
         model.eval()
@@ -112,7 +119,7 @@ class SimCLR(Method):
         total, count = 0.0, 0
         for images, _, _ in split.batches(batch_size, shuffle=False, drop_last=False, device=self.device):
             if len(images) > 1:
-                total += float(self.contrastive_loss(images, generator)[0]) * len(images)
+                total += float(self.contrastive_loss(images, generator, gather=False)[0]) * len(images)
                 count += len(images)
         knn_top1 = self.knn.top1(model.backbone.forward_features, split, batch_size, self.step)
         model.train(was_training)

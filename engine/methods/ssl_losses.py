@@ -15,6 +15,11 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------- SimCLR
 
 
+def world_size() -> int:
+    """Processes in the torchrun job (1 outside one)."""
+    return _world()[1]
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
@@ -49,7 +54,7 @@ def gather_with_grad(z: Tensor) -> Tensor:
     return _GatherWithGrad.apply(z)
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """NT-Xent (SimCLR) for two views: (loss, logits, positive indices).
 
     Queries are this rank's 2N embeddings (rows 0..N-1 view 1, N..2N-1 view 2). Keys are the
@@ -57,14 +62,15 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> tuple[Tensor, T
     out as [view 1 of all ranks, view 2 of all ranks]. Each query's own similarity is masked out
     and its positive is the other view of the same image; the loss is the mean over queries of
     cross-entropy on cosine similarity / temperature. In one process this is the usual 2N x 2N
-    formulation exactly.
+    formulation exactly. `gather=False` keeps the negatives local (evaluation, where ranks hold
+    different numbers of rows and must not enter a collective).
     """
     if z1.shape != z2.shape:
         raise ValueError(f"views must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
-    rank, world = _world()
+    rank, world = _world() if gather else (0, 1)
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-    keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], dim=0)  # [2NW, D]
+    keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], dim=0) if world > 1 else torch.cat([z1, z2])
     queries = torch.cat([z1, z2], dim=0)  # [2N, D]
     logits = queries @ keys.T / temperature
     mine = torch.arange(n, device=z1.device) + rank * n  # this rank's images in view-1 key order

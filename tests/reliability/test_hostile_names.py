@@ -191,12 +191,14 @@ def test_tui_runs_table_and_run_view(hostile_runs: tuple[Path, dict[str, RunDir]
             assert sorted(doc["name"] for doc in table.rows) == sorted(names.values())
             lines = [table.render_line(y).text for y in range(table.size.height)]
             assert all(terminal_safe(line) for line in lines), lines
-            for _ in runs:  # open each run's view: its status line shows the name
+            for key in ("ansi", "markup", "newlines", "bidi"):  # their run views: the status line shows the name
+                table.cursor = next(i for i, doc in enumerate(table.rows) if doc["id"] == runs[key].id)
                 await pilot.press("enter")
                 await wait_for(pilot, lambda: isinstance(app.screen, RunViewScreen))
-                status = app.screen.query_one("#run-status")
-                assert terminal_safe(str(status.render()).replace("\n", " "))
-                await pilot.press("escape", "down")
+                status = str(app.screen.query_one("#run-status").render())
+                assert terminal_safe(status.replace("\n", " ")), (key, status)
+                await pilot.press("escape")
+                await wait_for(pilot, lambda: app.screen is app.runs_screen)
             assert app.is_running  # a [@click=app.quit] name did not quit it
 
     drive()

@@ -76,7 +76,7 @@ every = 1
 keep = 3
 """
 PHASES = ("step", "eval", "checkpoint")
-CHECKPOINT_PAUSE_S = "1.0"
+CHECKPOINT_PAUSE_S = "1.5"
 TORN_LINE = b'{"time": 1.0, "epoch": 9, "step": 99, "spl'  # what a write cut short would leave
 
 
@@ -113,7 +113,14 @@ def plan(seed: int, count: int = 20) -> list[Moment]:
 
 def temps_since(run: RunDir, since: float) -> list[Path]:
     """Temp checkpoints this process created (older ones are a previous kill's, removed on start)."""
-    return [p for p in temp_checkpoints(run) if p.stat().st_mtime >= since]
+    found = []
+    for path in temp_checkpoints(run):
+        try:
+            if path.stat().st_mtime >= since:
+                found.append(path)
+        except FileNotFoundError:  # renamed into place (or removed) since the listing
+            continue
+    return found
 
 
 def landed(events: list[dict[str, Any]], temps: list[Path]) -> str:
@@ -130,7 +137,7 @@ def landed(events: list[dict[str, Any]], temps: list[Path]) -> str:
     return "step"
 
 
-def check_after_kill(run: RunDir, moment: Moment, where: str, temps: list[Path]) -> dict[str, int]:
+def check_after_kill(run: RunDir, events: list[dict[str, Any]], where: str, temps: list[Path]) -> dict[str, int]:
     """Everything a user (or `kdtui resume`) reads from the run directory is intact."""
     loaded = 0
     for path in sorted(run.checkpoints.glob("*.pt")):
@@ -140,8 +147,9 @@ def check_after_kill(run: RunDir, moment: Moment, where: str, temps: list[Path])
         for temp in temps:  # the kill really cut a write short ...
             with pytest.raises(CheckpointError):
                 load_checkpoint(temp)
+        writing = max(e["epoch"] for e in events if e["split"] == "test")  # the epoch whose checkpoint was cut
         last = run.checkpoints / "last.pt"  # ... and last.pt is still the previous epoch's
-        assert (load_checkpoint(last)["progress"]["epoch"] if last.exists() else 0) == moment.epoch - 1
+        assert (load_checkpoint(last)["progress"]["epoch"] if last.exists() else 0) == writing - 1
     info = json.loads(run.info_path.read_text())
     assert info["status"] == "running" and effective_status(info) == "interrupted", info
     raw = run.metrics_path.read_bytes()
@@ -171,14 +179,13 @@ def kill_chain(tmp_path: Path, runs_dir: Path, seed: int, fresh: set[int],
                caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
     recipe = tmp_path / "kill.toml"
     recipe.write_text(KILL_RECIPE)
-    reference = new_run(recipe, runs_dir)
-    assert FreshEngine(reference, resume=False).wait() == 0
-    run = new_run(recipe, runs_dir)
     moments, rng = plan(seed), random.Random(seed + 1)
+    server = ForkServer() if len(fresh) < len(moments) else None
+    reference, run = new_run(recipe, runs_dir), new_run(recipe, runs_dir)  # reference: never interrupted
     hits: Counter[str] = Counter()
     cli_checked: set[str] = set()
-    server = ForkServer() if len(fresh) < len(moments) else None
     try:
+        assert (server.spawn(reference, False) if server else FreshEngine(reference, False)).wait() == 0
         for i, moment in enumerate(moments):
             resume = (run.checkpoints / "last.pt").exists()
             if not resume:  # as `kdtui resume` does for a run without a checkpoint: start over
@@ -196,10 +203,10 @@ def kill_chain(tmp_path: Path, runs_dir: Path, seed: int, fresh: set[int],
             if moment.phase == "step":
                 time.sleep(rng.uniform(0, 0.01))  # somewhere inside the next step
             assert kill(engine) == -9, f"kill {i} ({moment}) did not hit a live engine"
-            temps = temps_since(run, since)
-            where = landed(watch.poll(), temps)
+            temps, events = temps_since(run, since), watch.poll()
+            where = landed(events, temps)
             hits[where] += 1
-            state = check_after_kill(run, moment, where, temps)
+            state = check_after_kill(run, events, where, temps)
             assert state["torn"] == 0  # the engine writes each metric line in one write()
             if where not in cli_checked:  # the real CLI agrees, once per phase
                 listed = run_cli("runs", "--json", "--runs-dir", str(runs_dir))

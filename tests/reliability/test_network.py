@@ -151,7 +151,8 @@ def _zombie(pid: int) -> bool:
 
 
 def test_training_run_listens_nowhere(tiny_recipe: Path, runs_dir: Path) -> None:
-    sockets, samples = sample_run([str(tiny_recipe), "--set", "train.epochs=1"], runs_dir)
+    sockets, samples = sample_run([str(tiny_recipe), "--set", "train.epochs=1", "--set", "train.evaluate=false"],
+                                  runs_dir)
     assert samples > 0 and sockets == set(), sockets
     (run,) = iter_run_dirs(runs_dir)
     assert run.read_info()["status"] == "finished"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -103,7 +105,13 @@ def bench_one(prepared: Any, spec: Any, out_dir: Path, runs_root: Path) -> dict[
     try:
         command, env = job_command(run, resume=False)
         start = time.time()
-        code = spawn(run, False, command, env).wait()
+        process = spawn(run, False, command, env)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # the job runs in its own session: stop it too
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
         wall = time.time() - start
     finally:
         locks.release(held)

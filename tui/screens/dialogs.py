@@ -11,6 +11,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from tui.widgets.key_footer import KeyFooter
+
 
 class PromptScreen(ModalScreen[str | None]):
     """Enter returns the text, Escape returns None."""
@@ -26,6 +28,7 @@ class PromptScreen(ModalScreen[str | None]):
             yield Static(self.title_text, classes="dialog-title")
             yield Input(self.value, placeholder=self.placeholder, id="prompt-input")
             yield Static("Enter to save · Esc to cancel", classes="dialog-help")
+        yield KeyFooter()
 
     @on(Input.Submitted)
     def _submit(self, event: Input.Submitted) -> None:
@@ -55,6 +58,7 @@ class ConfirmDeleteScreen(ModalScreen[str | None]):
             yield Static(shown)
             yield Static("y: delete the runs and their folders · k: forget them, move the folders to "
                          "removed/ · Esc: cancel", classes="dialog-help")
+        yield KeyFooter()
 
     def action_choose(self, choice: str | None) -> None:
         self.dismiss(choice)

@@ -47,17 +47,13 @@ RENDERERS = {"auto": "Image", "halfcell": "HalfcellImage", "unicode": "UnicodeIm
              "kitty": "TGPImage"}
 
 
-def checkpoint_choices(folder: Path) -> list[tuple[str, str]]:
+def checkpoint_choices(folder: str | Path | None) -> list[tuple[str, str]]:
     """(label, file name) of a checkpoints folder: best, last, then epochs in order."""
-    files = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    files = sorted(p.name for p in Path(folder).glob("*.pt")) if folder and Path(folder).is_dir() else []
     first = [f for f in ("best.pt", "last.pt") if f in files]
     rest = [f for f in files if f not in first]
     return [(f.removesuffix(".pt").replace("epoch_", "epoch ").replace(" 000", " ").replace(" 00", " "), f)
             for f in first + rest]
-
-
-def percent(p: float) -> str:
-    return f"{p:.1%}"
 
 
 def answer(name: str, prob: float) -> str:
@@ -126,9 +122,9 @@ class DiffScreen(Screen[None]):
     ]
 
     class Loaded(Message):
-        def __init__(self, token: int, diff: Diff | None, view: Any, note: str) -> None:
+        def __init__(self, token: int, diff: Diff | None, view: Any, note: str, busy: bool = False) -> None:
             super().__init__()
-            self.token, self.diff, self.view, self.note = token, diff, view, note
+            self.token, self.diff, self.view, self.note, self.busy = token, diff, view, note, busy
 
     def __init__(self, a: str | Path | None = None, b: str | Path | None = None, runs_dir: str | Path | None = None,
                  split: str = "test", filter: str = "all", device: str = "cpu",
@@ -166,7 +162,7 @@ class DiffScreen(Screen[None]):
                 with Horizontal(classes="diff-pick"):
                     yield Static(key.upper(), classes="diff-pick-label")
                     yield Select(folders, id=f"{key}-run", prompt="run", compact=True, value=side.folder or Select.NULL)
-                    yield Select(self.ckpt_options(side.folder), id=f"{key}-ckpt", prompt="checkpoint", compact=True,
+                    yield Select(checkpoint_choices(side.folder), id=f"{key}-ckpt", prompt="checkpoint", compact=True,
                                  value=side.file or Select.NULL)
             with Horizontal(classes="diff-pick"):
                 yield Select([(s, s) for s in ("test", "val", "train")], id="split", value=self.split,
@@ -200,9 +196,6 @@ class DiffScreen(Screen[None]):
                 known.add(side.folder)
         return choices
 
-    def ckpt_options(self, folder: str | None) -> list[tuple[str, str]]:
-        return checkpoint_choices(Path(folder)) if folder else []
-
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_columns("#", "truth", "A  p", "B  p")
@@ -217,7 +210,7 @@ class DiffScreen(Screen[None]):
             side = self.sides[which[0]]
             if value == side.folder:
                 return
-            side.folder, options = value, self.ckpt_options(value)
+            side.folder, options = value, checkpoint_choices(value)
             files = [f for _, f in options]
             side.file = "best.pt" if "best.pt" in files else (files[0] if files else None)
             ckpt = self.query_one(f"#{which[0]}-ckpt", Select)
@@ -251,7 +244,7 @@ class DiffScreen(Screen[None]):
             with self.prevent(Select.Changed):
                 self.query_one(f"#{key}-run", Select).value = side.folder or Select.NULL
                 ckpt = self.query_one(f"#{key}-ckpt", Select)
-                ckpt.set_options(self.ckpt_options(side.folder))
+                ckpt.set_options(checkpoint_choices(side.folder))
                 ckpt.value = side.file or Select.NULL
         self.request_load()
 
@@ -283,6 +276,9 @@ class DiffScreen(Screen[None]):
                 return
             if diff is not None:  # predictions cached, images not: show the table meanwhile
                 self.post_message(self.Loaded(token, diff, None, "loading images ..."))
+            else:
+                self.post_message(self.Loaded(token, None, None, f"evaluating {a.name} and {b.name} on {split} "
+                                              f"({self.device}); cached for next time ...", busy=True))
             error = self.fill_caches(a, b, split)
             if error is not None:
                 self.post_message(self.Loaded(token, None, None, error))
@@ -321,7 +317,7 @@ class DiffScreen(Screen[None]):
             return  # a newer selection is loading
         summary = self.query_one("#diff-summary", Static)
         if message.diff is None:
-            summary.update(Text(message.note, style="bold red"))
+            summary.update(Text(message.note, style="yellow" if message.busy else "bold red"))
             self.diff, self.view = None, None
             self.refill()
             return
@@ -400,7 +396,7 @@ def summary_text(d: Diff, note: str) -> Text:
     return Text.assemble(
         ("A ", "bold"), f"{ma['arch']} ep {ma['epoch']}  ", ("B ", "bold"), f"{mb['arch']} ep {mb['epoch']}",
         f"  · {s['split']} · {s['n']} images", (f"  {note}" if note else "", "yellow"), "\n",
-        "acc A ", (percent(s["acc_a"]), "bold"), "  B ", (percent(s["acc_b"]), "bold"),
-        "  agree ", (percent(s["agreement"]), "bold"),
+        "acc A ", (f"{s['acc_a']:.1%}", "bold"), "  B ", (f"{s['acc_b']:.1%}", "bold"),
+        "  agree ", (f"{s['agreement']:.1%}", "bold"),
         "  │ A✓B✗ ", (str(c["a_right_b_wrong"]), "green"), "  A✗B✓ ", (str(c["a_wrong_b_right"]), "green"),
         "  both✗≠ ", (str(c["both_wrong_different"]), "red"), "  both✗= ", str(c["both_wrong_same"]))

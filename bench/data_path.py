@@ -1,0 +1,143 @@
+"""Benchmark 2: batched uint8 augmentation vs a torchvision DataLoader with PIL transforms, on CPU.
+
+    .venv/bin/python bench/data_path.py [--batches 20] [--reps 5] [--batch 128] [--threads N]
+
+Both sides produce normalised float batches ready for the model from the same random CIFAR-sized
+uint8 data (50,000 images), measured as source images per second:
+
+- plain: RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize (RepDistiller);
+- hsakd: the same, then the 4 rotations stacked per image (HSAKD's training loop does this on
+  the loaded batch with torch.rot90); ours: `augment.rotate4` on the augmented batch;
+- simclr: two views of RandomResizedCrop(32) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 +
+  RandomGrayscale(0.2) + ToTensor + Normalize (the common SimCLR CIFAR pipeline).
+
+Reference: torchvision.transforms on PIL images in a DataLoader with num_workers = CPU count
+(persistent workers, read as one continuous stream). Ours: TensorSplit.batches + engine.data.augment
+on CPU tensors with --threads intra-op threads (default: CPU count, the same cores). Blocks of
+--batches batches alternate; the ratio is the median of per-round ratios. Target: >= 5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from common import CIFAR_MEAN, CIFAR_STD, Row, header, interleave, median, paired_ratio, print_table, timed
+
+KINDS = ("plain", "hsakd", "simclr")
+
+
+class PILDataset:
+    """CIFAR the torchvision way: HWC uint8 numpy rows, one PIL image per __getitem__."""
+
+    def __init__(self, data_hwc: Any, labels: Any, transform: Callable[[Any], Any]) -> None:
+        self.data, self.labels, self.transform = data_hwc, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), int(self.labels[i])
+
+
+class TwoViews:
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> list[Any]:
+        return [self.transform(image), self.transform(image)]
+
+
+def reference_transform(kind: str) -> Callable[[Any], Any]:
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    if kind == "simclr":
+        return TwoViews(T.Compose([
+            T.RandomResizedCrop(32, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), *normalize]))
+    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
+
+
+def endless(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    while True:
+        yield from make()
+
+
+def reference_stream(kind: str, data_hwc: Any, labels: Any, batch: int, workers: int) -> Iterator[Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(PILDataset(data_hwc, labels, reference_transform(kind)), batch_size=batch, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    for x, y in endless(lambda: iter(loader)):
+        if kind == "hsakd":  # HSAKD's train loop: rotations of the loaded batch, joint labels
+            x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1).view(-1, 3, 32, 32)
+            y = torch.stack([y * 4 + k for k in range(4)], 1).view(-1)
+        yield x, y
+
+
+def batched_stream(kind: str, split: Any, batch: int) -> Iterator[Any]:
+    import torch
+
+    from engine.data import augment as aug
+
+    gen = torch.Generator().manual_seed(0)
+    for x, y, _ in endless(lambda: split.batches(batch, shuffle=True, drop_last=True, generator=gen)):
+        if kind == "simclr":
+            yield aug.simclr_views(x, gen, mean=CIFAR_MEAN, std=CIFAR_STD), y
+            continue
+        x = aug.normalize(aug.random_crop_flip(x, 4, generator=gen), CIFAR_MEAN, CIFAR_STD)
+        if kind == "hsakd":
+            x, y = aug.rotate4(x), aug.joint_labels(y)
+        yield x, y
+
+
+def run(batches: int = 20, reps: int = 5, batch: int = 128, threads: int | None = None, images: int = 50_000,
+        kinds: tuple[str, ...] = KINDS) -> list[Row]:
+    import torch
+
+    from common import random_uint8
+    from engine.data.splits import TensorSplit
+
+    workers = os.cpu_count() or 1
+    threads = threads or workers
+    x = random_uint8(images)
+    y = torch.randint(0, 100, (images,), generator=torch.Generator().manual_seed(1))
+    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # what torchvision's CIFAR dataset holds
+    split = TensorSplit(x, y)
+    rows = []
+    for kind in kinds:
+        torch.set_num_threads(threads)
+        ref, ours = reference_stream(kind, hwc, y.numpy(), batch, workers), batched_stream(kind, split, batch)
+
+        def block(stream: Iterator[Any]) -> float:
+            return batches * batch / timed(lambda: [next(stream) for _ in range(batches)])  # noqa: B023
+
+        got = interleave({"ours": lambda: block(ours), "ref": lambda: block(ref)}, reps)  # noqa: B023
+        del ref  # shuts the workers down
+        rows.append(Row("2 data path (CPU)", f"{kind}: batched vs PIL DataLoader", median(got["ours"]),
+                        median(got["ref"]), "img/s", ">= 5",
+                        f"b{batch}, {workers} workers vs {threads} thread(s), {batches} batches x {reps} rounds",
+                        ratio=paired_ratio(got["ours"], got["ref"])))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for ours (default: CPU count)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    args = parser.parse_args()
+    print(header("bench 2: data path"))
+    print_table(run(args.batches, args.reps, args.batch, args.threads, kinds=tuple(args.kinds)))
+
+
+if __name__ == "__main__":
+    main()

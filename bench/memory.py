@@ -1,0 +1,121 @@
+"""Benchmark 5: peak memory while training resnet20 on a CIFAR-100-sized in-memory dataset, on CPU.
+
+    .venv/bin/python bench/memory.py [--steps 10] [--images 50000]
+
+Each measurement is a fresh child process (so peaks do not mix) that trains resnet20 through the
+engine's Trainer for --steps steps of batch 128 on random uint8 data, then reports its peak RSS
+(resource.getrusage ru_maxrss), its RSS at the end of training, and the bytes held by the splits'
+image tensors. The data enters through `build_data` itself (the dataset loader is replaced by
+random CIFAR-100-shaped splits: 50,000 train + 10,000 test), so the val hold-out is made the
+engine's way. The baseline child is identical with 1,000 + 200 images: the difference between the
+two is what the data costs, and dividing by the data's own size gives the number of copies.
+Targets: peak < 2 GB; one copy of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, Row, header, print_table
+
+RECIPE = """
+[run]
+name = "memory"
+[data]
+dataset = "cifar100"
+root = "{root}"
+batch_size = 128
+download = false
+[model]
+arch = "resnet20"
+[train]
+epochs = 1
+threads = {threads}
+max_steps_per_epoch = {steps}
+evaluate = false
+"""
+
+
+def child(images: int, steps: int, threads: int) -> dict[str, float]:
+    """Runs in the child: build data through build_data, train, report memory (bytes)."""
+    import torch
+
+    import engine.data as data_module
+    from common import random_uint8
+    from engine.data.splits import TensorSplit
+    from engine.rundir import create_run_dir
+    from engine.trainer import Trainer
+
+    tests = max(images // 5, 1)
+
+    def fake_load(*args: object, **kwargs: object) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        train = TensorSplit(random_uint8(images, seed=1), torch.randint(0, 100, (images,), generator=g))
+        test = TensorSplit(random_uint8(tests, seed=2), torch.randint(0, 100, (tests,), generator=g))
+        return train, test, [f"c{i}" for i in range(100)], (0.5,) * 3, (0.25,) * 3
+
+    data_module._load = fake_load  # only the file reading is replaced; subsets are build_data's
+    with tempfile.TemporaryDirectory(prefix="kdtui-bench-") as tmp:
+        run = create_run_dir(Path(tmp), "memory", RECIPE.format(root=tmp, threads=threads, steps=steps), {})
+        trainer = Trainer(run)
+        trainer._train_epoch(0)
+        held = {s.data.untyped_storage().data_ptr(): s.data.untyped_storage().nbytes()
+                for s in (trainer.data.train, trainer.data.val, trainer.data.test) if s is not None}
+        rss_now = _current_rss()
+        trainer.metrics.close()
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "now": rss_now,
+            "data": float(sum(held.values())), "images": images + tests}
+
+
+def _current_rss() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1]) * 1024
+    return float("nan")
+
+
+def measure(images: int, steps: int, threads: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", str(images), str(steps), str(threads)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(steps: int = 10, images: int = 50_000, threads: int = 1) -> list[Row]:
+    big, small = measure(images, steps, threads), measure(1000, steps, threads)
+    mb = 1024 * 1024
+    data_bytes = big["images"] * 3 * 32 * 32
+    copies_peak = (big["peak"] - small["peak"]) / data_bytes
+    copies_now = (big["now"] - small["now"]) / data_bytes
+    note = f"{big['images']:,} images = {data_bytes / mb:.0f} MB of uint8; splits hold {big['data'] / mb:.0f} MB"
+    return [
+        Row("5 memory (CPU)", "peak RSS, resnet20 training", big["peak"] / mb, 2048.0, "MB", "<= 1", note),
+        Row("5 memory (CPU)", "peak RSS, same with 1,200 images", small["peak"] / mb, None, "MB", "", "baseline"),
+        Row("5 memory (CPU)", "data copies at peak (peak delta / data)", copies_peak, 1.0, "copies", "",
+            "transient: build_data's val hold-out copies"),
+        Row("5 memory (CPU)", "data copies while training (RSS delta / data)", copies_now, 1.0, "copies",
+            "<= 1.1", f"RSS at the last step {big['now'] / mb:.0f} MB vs {small['now'] / mb:.0f} MB"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    print(header("bench 5: peak memory"))
+    print_table(run(args.steps, args.images, args.threads))
+
+
+if __name__ == "__main__":
+    main()
