@@ -47,8 +47,8 @@ evaluate = false
 def run(steps: int = 8, reps: int = 7, threads: int = 1, batch: int = 128, images: int = 10_000) -> list[Row]:
     import torch
     import torch.nn.functional as F
-
     from common import random_bundle
+
     from engine.data import augment as aug
     from engine.models import build_model
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from engine.checkpoint import load_checkpoint
 from engine.data import DataBundle, build_data
+from engine.data import augment as aug
 from engine.errors import CheckpointError
 from engine.methods.base import topk_correct
-from engine.data import augment as aug
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -25,7 +25,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = build_model(state["arch"], int(state["num_classes"]))
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: weights do not fit arch {state.get('arch')!r}: {str(err).splitlines()[0][:160]}") from None
+        detail = str(err).splitlines()[0][:160]
+        raise CheckpointError(f"{path}: weights do not fit arch {state.get('arch')!r}: {detail}") from None
     return model.to(device).eval(), state
 
 

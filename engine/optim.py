@@ -33,13 +33,13 @@ def lr_factor(cfg: ScheduleSection, base_lr: float, epochs: int) -> Callable[[fl
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / period))
 
     if cfg.name == "constant":
-        shape = lambda t: 1.0  # noqa: E731
+        shape = lambda t: 1.0
     elif cfg.name == "multistep":
         milestones = sorted(cfg.milestones)
-        shape = lambda t: cfg.gamma ** bisect.bisect_right(milestones, t)  # noqa: E731
+        shape = lambda t: cfg.gamma ** bisect.bisect_right(milestones, t)
     elif cfg.name in ("cosine", "cosine_floor"):
         period = cfg.period or epochs
-        shape = lambda t: cosine(min(t, period), period, cfg.min_lr / base_lr)  # noqa: E731
+        shape = lambda t: cosine(min(t, period), period, cfg.min_lr / base_lr)
     else:  # stages: consecutive blocks of epochs, each with its own absolute lr and shape
         starts = [0]
         for stage in cfg.stages:

@@ -144,8 +144,12 @@ class TrainSection(Section):
     log_every: int = Field(20, ge=1)
     eval_every: int = Field(1, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    # Speed switches; defaults chosen by measurement (bench/README.md). bf16 trained 2.0x faster on
+    # a CPU with AVX512-BF16 but changes numerics and is emulated (slow) on CPUs without it: opt in.
+    # channels_last "auto": on for CPU (1.0-1.7x over 12 zoo models, never slower), off on CUDA/MPS
+    # until bench/gpu_throughput.py has measured it there. compile: inductor warm-up takes minutes.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     grad_clip: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -159,6 +163,17 @@ class TrainSection(Section):
         if not DEVICE_PATTERN.match(value):
             raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f'expected true, false or "auto", got {value!r}')
+
+    def channels_last_on(self, device_type: str) -> bool:
+        """Whether networks train in NHWC on this device type ('cpu', 'cuda', ...); see channels_last."""
+        return device_type == "cpu" if self.channels_last == "auto" else bool(self.channels_last)
 
 
 class CheckpointSection(Section):

@@ -77,7 +77,7 @@ def apply_speed_switches(method: Method, recipe: Recipe) -> None:
     NHWC (what tensor cores and oneDNN convolutions prefer). `train.compile`: torch.compile the
     training model in place (`Module.compile`), so there is no wrapper and state-dict keys stay
     those of the plain model: checkpoints load into `build_model` with no `_orig_mod.` prefix."""
-    if recipe.train.channels_last:
+    if recipe.train.channels_last_on(method.device.type):
         for module in method.modules_to_save().values():
             module.to(memory_format=torch.channels_last)
         method.model.register_forward_pre_hook(_channels_last_inputs)
@@ -155,7 +155,7 @@ class Trainer:
             return self._finish("failed", error=str(err))
         except DiskFullError as err:
             return self._finish("failed", error=f"disk full: {err.strerror}")
-        except Exception as err:  # noqa: BLE001 - any crash must still leave a readable run.json
+        except Exception as err:
             traceback.print_exc()
             return self._finish("failed", error=f"{type(err).__name__}: {err}"[:500])
         finally:
@@ -383,7 +383,7 @@ class Trainer:
                 warnings.simplefilter("ignore")
                 self.metrics.tb.add_graph(model, torch.zeros(1, 3, size, size, device=self.device))
             model.train(was_training)
-        except Exception as err:  # noqa: BLE001 - a graph is a nicety; never fail a run for it
+        except Exception as err:
             print(f"kdtui: TensorBoard graph skipped ({type(err).__name__})", flush=True)
 
 

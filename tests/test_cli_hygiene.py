@@ -23,7 +23,8 @@ print(json.dumps({"heavy": heavy, "help": buf.getvalue()}))
 
 
 def test_help_imports_no_heavy_modules() -> None:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     for command in ("run", "check", "eval", "summary", "resume"):

@@ -5,7 +5,7 @@ summed over ranks after weighting each rank's mean loss by its share of the rows
 statistics come from the global batch (train.sync_bn), with augmentation off so both runs see
 identical pixels. What remains is floating-point summation order (two half-batch sums instead
 of one). Measured on this recipe (lr 0.01, 2 epochs x 5 steps), DDP vs one process: step losses
-differ by <= 3.6e-7 in epoch 1 and <= 3.1e-5 by step 10 (the amplification of SGD), eval losses
+differ by <= 2.4e-7 in epoch 1 and <= 3.1e-5 by step 10 (the amplification of SGD), eval losses
 by <= 8.4e-6, weights by <= 9.5e-5. Two one-process runs differing only in thread count: 4.8e-7,
 5.5e-5, 9.7e-6 and 6.5e-5 -- the same noise. Without sync_bn the first step already differs by
 7.8e-3 and the weights by 0.14. Tolerances: epoch-1 step losses 1e-5, all step losses 5e-4,

@@ -34,10 +34,15 @@ class Trained:
     teacher: RunDir  # wrn_16_1, 1 epoch, same data and seed
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """Two real engine runs on the embedded data (tiny settings), trained once per session."""
-    base = tmp_path_factory.mktemp("diff")
+def train_once(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """Two real engine runs on the embedded data (tiny settings), trained once per session and shared
+    with test_diff_screen.py through a marker file in the session's base temp folder."""
+    base = tmp_path_factory.getbasetemp() / "diff-runs"
+    done = base / "trained.json"
+    if done.is_file():
+        paths = json.loads(done.read_text())
+        return Trained(Path(paths[0]), RunDir(Path(paths[1])), RunDir(Path(paths[2])))
+    base.mkdir()
     recipe = base / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
     root = base / "runs"
@@ -48,7 +53,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         run = create_runs(prepare(recipe, overrides, root), root)[0]
         assert train(run.path) == EXIT_FINISHED
         runs.append(run)
+    done.write_text(json.dumps([str(root), *(str(r.path) for r in runs)]))
     return Trained(root, *runs)
+
+
+@pytest.fixture
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return train_once(tmp_path_factory)
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -75,14 +86,15 @@ def test_counts_match_an_independent_recomputation(trained: Trained) -> None:
     diff = run_diff(a, b, "test")
     out = diff.to_json()
 
-    # read the cache files themselves and recount with plain Python
-    files = sorted(trained.student.predictions.glob("*-test.npz"))
-    assert len(files) == 2  # one per checkpoint content, in the run's predictions/ folder
-    cached = {}
-    for f in files:
-        with np.load(f) as npz:
-            cached[json.loads(str(npz["header"]))["digest"]] = (npz["labels"].tolist(), npz["top_idx"][:, 0].tolist())
-    (ya, pa), (yb, pb) = cached[predictions.file_digest(a)], cached[predictions.file_digest(b)]
+    # read the cache files themselves (in the run's predictions/ folder) and recount with plain Python
+    cached = []
+    for path in (a, b):
+        digest = predictions.file_digest(path)
+        file = trained.student.predictions / f"{digest[:24]}-test.npz"
+        with np.load(file) as npz:
+            assert json.loads(str(npz["header"]))["digest"] == digest
+            cached.append((npz["labels"].tolist(), npz["top_idx"][:, 0].tolist()))
+    (ya, pa), (yb, pb) = cached
     assert ya == yb
     names = diff.class_names
     expect = {"a_right_b_wrong": 0, "a_wrong_b_right": 0, "both_wrong_different": 0, "both_wrong_same": 0}
@@ -170,7 +182,8 @@ def test_a_changed_checkpoint_is_reevaluated(trained: Trained, tmp_path: Path, m
     after = run_diff(a, b, "test")
     assert calls[-1] == 1 and len([c for c in calls if c]) == len(calls)  # re-evaluated only the changed file
     assert after.summary()["agreement"] == 1.0 and after.disagreements().size == 0
-    assert len(list((a.parent / ".kdtui-predictions").glob("*-test.npz"))) == 2  # one entry per content
+    entries = [f for f in (a.parent / ".kdtui-predictions").glob("*-test.npz") if not f.name.startswith("view-")]
+    assert len(entries) == 2  # one entry per content
 
 
 def test_damaged_cache_file_is_recomputed(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,8 +21,14 @@ from textual.widgets import DataTable, Select, Static
 from engine.diff import compare, run_diff, view_file
 from engine.predictions import Predictions, atomic_save_npz, file_digest, save_predictions
 from tests.conftest import ROOT
-from tests.test_diff import Trained, trained  # noqa: F401  (session fixture: two real runs)
+from tests.test_diff import Trained, train_once
 from tui.screens.diff import DiffScreen, TopBars
+
+
+@pytest.fixture
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The two real runs of test_diff.py (trained once per session, whichever module asks first)."""
+    return train_once(tmp_path_factory)
 
 
 class DiffApp(App[None]):
@@ -65,7 +71,7 @@ def summary(screen: DiffScreen) -> str:
 
 # ---------------------------------------------------------------- pilot tests on real runs
 @sync
-async def test_screen_browses_a_cached_diff(trained: Trained) -> None:  # noqa: F811
+async def test_screen_browses_a_cached_diff(trained: Trained) -> None:
     ckpt = trained.student.checkpoints
     diff = run_diff(ckpt / "epoch_0001.pt", ckpt / "epoch_0002.pt", "test", view=True)
     app = DiffApp(a=f"{trained.student.id}@1", b=f"{trained.student.id}@2", runs_dir=trained.root)
@@ -103,7 +109,7 @@ async def test_screen_browses_a_cached_diff(trained: Trained) -> None:  # noqa: 
 
 
 @sync
-async def test_picking_runs_and_checkpoints(trained: Trained) -> None:  # noqa: F811
+async def test_picking_runs_and_checkpoints(trained: Trained) -> None:
     run_diff(trained.student.checkpoints / "epoch_0001.pt", trained.teacher.checkpoints / "best.pt", "test", view=True)
     app = DiffApp(a=f"{trained.student.id}@1", runs_dir=trained.root)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -120,7 +126,7 @@ async def test_picking_runs_and_checkpoints(trained: Trained) -> None:  # noqa: 
 
 
 @sync
-async def test_missing_caches_are_filled_by_a_subprocess(trained: Trained, tmp_path: Path) -> None:  # noqa: F811
+async def test_missing_caches_are_filled_by_a_subprocess(trained: Trained, tmp_path: Path) -> None:
     for name in ("epoch_0001.pt", "epoch_0002.pt"):
         shutil.copyfile(trained.student.checkpoints / name, tmp_path / name)
     shutil.copyfile(trained.student.checkpoints / "epoch_0001.pt", tmp_path / "cut.pt")

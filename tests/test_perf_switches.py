@@ -98,7 +98,8 @@ def test_channels_last_trains_nhwc_and_saves_plain_keys(tmp_path: Path) -> None:
     handle.remove()
     assert seen == [True]  # the batch reaches the first convolution in NHWC
 
-    reference = trainer(tmp_path, "", name="plain")  # same seed, same batch, default memory format
+    reference = trainer(tmp_path, "channels_last = false", name="plain")  # same seed and batch, NCHW
+    assert reference.method.model.conv1.weight.is_contiguous()
     out_plain = one_step(reference)
     assert torch.allclose(out_cl["loss"], out_plain["loss"], atol=1e-4)
     for a, b in zip(model.parameters(), reference.method.model.parameters(), strict=True):
@@ -106,6 +107,21 @@ def test_channels_last_trains_nhwc_and_saves_plain_keys(tmp_path: Path) -> None:
 
     assert t.fit() == EXIT_FINISHED
     assert_loads_into_plain_model(t)
+
+
+def test_channels_last_default_is_measured_per_device(tmp_path: Path) -> None:
+    """`auto` (the default) is on for CPU, where bench/switches.py measured it faster, off elsewhere."""
+    from engine.recipe import RecipeError, TrainSection, load_recipe
+
+    t = trainer(tmp_path, "", name="auto")
+    assert t.recipe.train.channels_last == "auto"
+    assert t.method.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert TrainSection().channels_last_on("cpu") and not TrainSection().channels_last_on("cuda")
+    assert TrainSection(channels_last=True).channels_last_on("cuda")
+    assert not TrainSection(channels_last=False).channels_last_on("cpu")
+    bad = write_recipe(tmp_path, '[train]\nchannels_last = "fast"\n', "bad.toml")
+    with pytest.raises(RecipeError, match=r'train\.channels_last: expected true, false or "auto", got .fast.'):
+        load_recipe(bad)
 
 
 def _eager_compile(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
@@ -186,3 +202,27 @@ def test_teacher_runs_in_inference_mode_in_the_step_precision(tmp_path: Path, me
     for key, value in net.state_dict().items():  # weights and BN running statistics unchanged
         assert torch.equal(value, before[key]), key
     assert any(p.grad is not None for p in t.method.model.parameters())  # the student did learn
+
+
+def test_fast_hue_shift_matches_torchvision_on_edge_cases() -> None:
+    """augment._shift_hue is branch-free for speed: check it where branches matter (grays, ties for
+    the maximum channel, pure primaries, 8-bit values) and at the largest shifts."""
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    from engine.data import augment as aug
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(12, 3, 6, 6, generator=g) * 255).round() / 255  # 8-bit values, as from uint8 data
+    x[0] = x[0, :1]  # gray everywhere: hue 0, unchanged by any shift
+    x[1, 1] = x[1, 0]  # red == green
+    x[2, 2] = x[2, 1]  # green == blue
+    x[3, 2] = x[3, 0]  # red == blue
+    x[4] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # pure red
+    x[5] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)
+    x[6] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    x[7] = 0.0  # black
+    x[8] = 1.0  # white
+    shifts = torch.tensor([0.5, -0.5, 0.25, -0.25, 0.1, -0.1, 0.5, 0.3, -0.3, 0.0, 0.49, -0.49])
+    ours = aug._shift_hue(x, shifts)
+    ref = torch.stack([tvf.adjust_hue(x[i], float(shifts[i])) for i in range(len(x))])
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().amax((1, 2, 3))
+    assert torch.equal(ours[0], x[0]) and torch.equal(ours[7], x[7]) and torch.equal(ours[8], x[8])

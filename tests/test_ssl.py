@@ -135,7 +135,7 @@ def test_two_layer_head_folds_into_the_classifier_and_cache_matches_recompute(tm
     recomputed = launch(write_recipe(tmp_path, text, "plain.toml"), runs_dir)
     cached = launch(write_recipe(tmp_path, text + "precompute = true\n", "cached.toml"), runs_dir)
     a, b = (load_checkpoint(r.checkpoints / "last.pt")["model"] for r in (recomputed, cached))
-    assert all(len([e for e in r.events() if e.get("kind") == "step"]) == 3 for r in (recomputed, cached))
+    assert all(len([e for e in r.events() if e.get("kind") == "step"]) == 4 for r in (recomputed, cached))
     # cached features looked up by content train the same head as recomputing them every step
     assert torch.allclose(a["fc.weight"], b["fc.weight"], atol=1e-5)
 

@@ -43,7 +43,8 @@ def test_run_writes_the_contract(tiny_recipe: Path, runs_dir: Path) -> None:
     assert {"started", "ended", "host", "steps_per_epoch"} <= info.keys()
     events = run.events()
     steps = [e for e in events if e["split"] == "train" and e.get("kind") == "step"]
-    assert steps and all({"time", "epoch", "step", "loss", "top1", "top5", "lr", "images_per_s"} <= e.keys() for e in steps)
+    required = {"time", "epoch", "step", "loss", "top1", "top5", "lr", "images_per_s"}
+    assert steps and all(required <= e.keys() for e in steps)
     for split in ("val", "test"):
         evals = [e for e in events if e["split"] == split]
         assert [e["epoch"] for e in evals] == [1, 2, 3]
@@ -132,7 +133,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     save_checkpoint({"model": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
 
-    def broken_save(obj: object, handle) -> None:  # noqa: ANN001
+    def broken_save(obj: object, handle) -> None:
         handle.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,21 +48,21 @@ def follow(jobs: list[tuple[RunDir, subprocess.Popen[bytes] | None]], console: C
                     status = effective_status(info)
                     if exited or (process is None and status in TERMINAL):
                         statuses[run.id] = status if status in TERMINAL else "failed"
-                        bars.update(tasks[run.id], stats=f"{statuses[run.id]} " + bars.tasks[tasks[run.id]].fields["stats"])
+                        shown = bars.tasks[tasks[run.id]].fields["stats"]
+                        bars.update(tasks[run.id], stats=f"{statuses[run.id]} {shown}")
                 time.sleep(poll_s)
             except KeyboardInterrupt:
                 if stopping:
                     console.print("[yellow]leaving; runs continue in the background[/]")
                     break
                 stopping = True
-                console.print("[yellow]stopping: each run finishes its step and writes last.pt (Ctrl-C again to leave)[/]")
+                console.print("[yellow]stopping: each run finishes its step and writes last.pt "
+                              "(Ctrl-C again to leave)[/]")
                 for run, process in jobs:
                     pid = process.pid if process else run.read_info().get("pid")
                     if pid and run.id not in statuses:
-                        try:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.killpg(pid, signal.SIGTERM)
-                        except (ProcessLookupError, PermissionError):
-                            pass
     return statuses
 
 

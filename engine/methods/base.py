@@ -94,7 +94,8 @@ class Method:
         was_training = model.training
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for images, labels, _ in split.batches(batch_size, shuffle=False, drop_last=False, generator=None, device=self.device):
+        batches = split.batches(batch_size, shuffle=False, drop_last=False, generator=None, device=self.device)
+        for images, labels, _ in batches:
             logits = self.logits(aug.normalize(images, self.data.mean, self.data.std)).float()
             totals[0] += F.cross_entropy(logits, labels, reduction="sum")
             totals[1:] += topk_correct(logits, labels, (1, 5))

@@ -54,7 +54,7 @@ class StudentMethod(Method):
         if self.rotations and self.teacher is not None and not self.teacher.auxiliary:
             raise CheckpointError(f"{self.teacher.path}: teacher arch {self.teacher.arch!r} has no auxiliary branches; "
                                   f"{recipe.run.method} needs an *_aux teacher (train one with method hsakd_teacher)")
-        if self.teacher is not None and recipe.train.channels_last:  # the trainer converts only saved modules
+        if self.teacher is not None and recipe.train.channels_last_on(device.type):  # trainer: saved modules only
             self.teacher.model.to(memory_format=torch.channels_last)
         self.aux_head = self._build_aux_head(cfg.aux_stage).to(device) if cfg.aux_stage else None
 

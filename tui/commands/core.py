@@ -90,7 +90,7 @@ def summary(
     width = max(len(r["name"]) for r in rows)
     print(f"{'layer':<{width}}  {'type':<18} {'output':<22} {'params':>12}")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['type']:<18} {str(r['output_shape']):<22} {r['params']:>12,}")
+        print(f"{r['name']:<{width}}  {r['type']:<18} {r['output_shape']!s:<22} {r['params']:>12,}")
     print(f"total parameters: {total:,}  ({arch}, {num_classes or 100} classes, input {c}x{h}x{w})")
 
 
