@@ -18,8 +18,8 @@ TINY = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.threads=1", "dat
         "data.batch_size=16", "data.image_size=16"]
 
 
-def kdtui_run(recipe: Path, runs: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    sets = [arg for item in (*TINY, *extra) for arg in ("--set", item)]
+def kdtui_run(recipe: Path, runs: Path) -> subprocess.CompletedProcess[str]:
+    sets = [arg for item in TINY for arg in ("--set", item)]
     return subprocess.run([sys.executable, "-m", "tui", "run", str(recipe), *sets], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "KDTUI_RUNS_DIR": str(runs)})
 
@@ -32,7 +32,7 @@ def test_quick_pipeline_teacher_then_student_through_kdtui_run(tmp_path: Path) -
     assert "teacher.from" in early.stderr and "run it first" in early.stderr and early.stderr.count("\n") == 1
     assert not list(iter_run_dirs(runs))
 
-    teacher = kdtui_run(PIPELINE / "quick_teacher.toml", runs, "model.arch=resnet8_aux")  # smaller, faster
+    teacher = kdtui_run(PIPELINE / "quick_teacher.toml", runs)
     assert teacher.returncode == 0, teacher.stdout + teacher.stderr
     (teacher_run,) = iter_run_dirs(runs)
     best = teacher_run.checkpoints / "best.pt"

@@ -122,7 +122,7 @@ class MixMatch(Method):
         loss_u = probability_mse(torch.cat(logits[1:]), mixed_y[batch:])
         weight = cfg.lambda_u * linear_rampup(self.step, cfg.rampup_steps)
         return {"loss": loss_x + weight * loss_u, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
-                "lambda_u": torch.tensor(weight)}
+                "lambda_u": torch.tensor(weight, device=loss_x.device)}
 
     def after_optimizer_step(self, step: int) -> None:
         ema_update(self.ema, self.model, self.recipe.semi.ema_decay)
