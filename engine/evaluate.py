@@ -14,6 +14,7 @@ from engine.data import DataBundle, build_data
 from engine.data import augment as aug
 from engine.errors import CheckpointError
 from engine.methods.base import topk_correct
+from engine.recipe import SSL_METHODS
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -21,6 +22,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     from engine.models import build_model
 
     state = load_checkpoint(path, map_location=device)
+    if state.get("method") in SSL_METHODS:
+        raise CheckpointError(f"{path}: a {state['method']} checkpoint has no class head; evaluate its backbone "
+                              'with a linear_eval recipe ([teacher] checkpoint = "this file")')
     try:
         model = build_model(state["arch"], int(state["num_classes"]))
         model.load_state_dict(state["model"])
