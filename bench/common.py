@@ -135,6 +135,15 @@ def paired_ratio(ours: list[float], base: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, base, strict=True))
 
 
+def spread(ours: list[float], base: list[float]) -> str:
+    """Quartiles of the per-round ratios, to show how far the machine's noise reaches."""
+    ratios = sorted(a / b for a, b in zip(ours, base, strict=True))
+    if len(ratios) < 4:
+        return f"rounds {min(ratios):.3f}-{max(ratios):.3f}"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"IQR {q1:.3f}-{q3:.3f}"
+
+
 def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
     """Seconds for fn(), synchronising the device (if given) before and after."""
     if sync:

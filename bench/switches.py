@@ -29,8 +29,8 @@ from common import (
 )
 
 CONFIGS = {
-    "fp32": "",
-    "bf16": 'precision = "bf16"',
+    "fp32": "channels_last = false",
+    "bf16": 'precision = "bf16"\nchannels_last = false',
     "channels_last": "channels_last = true",
     "bf16+channels_last": 'precision = "bf16"\nchannels_last = true',
 }
@@ -55,7 +55,7 @@ evaluate = false
 
 def run(steps: int = 6, reps: int = 5, threads: int = 1, arch: str = "resnet20", batch: int = 128,
         compile_: bool = False) -> list[Row]:
-    configs = {**CONFIGS, **({"compile": "compile = true"} if compile_ else {})}
+    configs = {**CONFIGS, **({"compile": "compile = true\nchannels_last = false"} if compile_ else {})}
     bundle = random_bundle(10_000)
     with tempfile.TemporaryDirectory(prefix="kdtui-bench-") as tmp:
         trainers = {name: engine_trainer(RECIPE.format(name=name, batch=batch, arch=arch, threads=threads,
