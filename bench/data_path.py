@@ -11,23 +11,25 @@ uint8 data (50,000 images), measured as source images per second:
 - simclr: two views of RandomResizedCrop(32) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 +
   RandomGrayscale(0.2) + ToTensor + Normalize (the common SimCLR CIFAR pipeline).
 
-Reference: torchvision.transforms on PIL images in a DataLoader with num_workers = CPU count
-(persistent workers, read as one continuous stream). Ours: TensorSplit.batches + engine.data.augment
-on CPU tensors in the main process with --threads intra-op threads (default 1: on a shared, loaded
-machine two OpenMP threads spin against each other and run several times slower than one; the
-reference's workers are single-threaded processes). So ours gets one core against the reference's
-CPU-count workers. Blocks of --batches batches alternate; the ratio is the median of per-round
-ratios. Target: >= 5x.
+Reference: torchvision.transforms on PIL images in a DataLoader with num_workers = CPU count; each
+block starts a fresh iterator, takes the batches prefetched during start-up untimed, then times
+--batches batches and shuts the workers down (so they neither flatter the block nor run during
+ours). Ours: TensorSplit.batches + engine.data.augment on CPU tensors in the main process with
+--threads intra-op threads (default 1: on a shared, loaded machine two OpenMP threads spin against
+each other and run several times slower than one; the reference's workers are single-threaded
+processes), so ours gets one core against the reference's CPU-count workers. Blocks alternate;
+the ratio is the median of per-round ratios. Target: >= 5x.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from common import CIFAR_MEAN, CIFAR_STD, Row, header, interleave, median, paired_ratio, print_table, timed
+from common import CIFAR_MEAN, CIFAR_STD, Row, header, interleave, median, paired_ratio, print_table, spread, timed
 
 KINDS = ("plain", "hsakd", "simclr")
 
@@ -71,17 +73,37 @@ def endless(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         yield from make()
 
 
-def reference_stream(kind: str, data_hwc: Any, labels: Any, batch: int, workers: int) -> Iterator[Any]:
+def reference_block(kind: str, data_hwc: Any, labels: Any, batch: int, workers: int,
+                    batches: int) -> Callable[[], float]:
+    """One timed block of the reference: a fresh loader iterator; the batches its workers prefetch
+    while starting (workers x prefetch_factor) are taken untimed, then `batches` are timed, then the
+    workers are shut down, so they neither flatter this block nor run during the other side's."""
     import torch
     from torch.utils.data import DataLoader
 
     loader = DataLoader(PILDataset(data_hwc, labels, reference_transform(kind)), batch_size=batch, shuffle=True,
-                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
-    for x, y in endless(lambda: iter(loader)):
+                        num_workers=workers, drop_last=True, prefetch_factor=2 if workers else None)
+    warm = 2 * workers
+
+    def consume(x: Any, y: Any) -> None:
         if kind == "hsakd":  # HSAKD's train loop: rotations of the loaded batch, joint labels
             x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1).view(-1, 3, 32, 32)
             y = torch.stack([y * 4 + k for k in range(4)], 1).view(-1)
-        yield x, y
+
+    def take(it: Iterator[Any], n: int) -> None:
+        for _ in range(n):
+            consume(*next(it))
+
+    def block() -> float:
+        it = iter(loader)
+        take(it, warm)
+        seconds = timed(functools.partial(take, it, batches))
+        del it  # joins the workers
+        return batches * batch / seconds
+
+    if len(labels) < (warm + batches) * batch:
+        raise ValueError(f"{len(labels)} images are too few for {warm + batches} batches of {batch}")
+    return block
 
 
 def batched_stream(kind: str, split: Any, batch: int) -> Iterator[Any]:
@@ -115,17 +137,14 @@ def run(batches: int = 20, reps: int = 5, batch: int = 128, threads: int = 1, im
     rows = []
     for kind in kinds:
         torch.set_num_threads(threads)
-        ref, ours = reference_stream(kind, hwc, y.numpy(), batch, workers), batched_stream(kind, split, batch)
-
-        def block(stream: Iterator[Any]) -> float:
-            return batches * batch / timed(lambda: [next(stream) for _ in range(batches)])
-
-        got = interleave({"ours": lambda: block(ours), "ref": lambda: block(ref)}, reps)  # noqa: B023
-        ref.close()  # the loader goes with it: its workers shut down
+        ref = reference_block(kind, hwc, y.numpy(), batch, workers, batches)
+        ours = batched_stream(kind, split, batch)
+        got = interleave({"ours": lambda: batches * batch / timed(lambda: [next(ours) for _ in range(batches)]),  # noqa: B023
+                          "ref": ref}, reps)
         rows.append(Row("2 data path (CPU)", f"{kind}: batched vs PIL DataLoader", median(got["ours"]),
                         median(got["ref"]), "img/s", ">= 5",
-                        f"b{batch}, {workers} workers vs {threads} thread(s), {batches} batches x {reps} rounds",
-                        ratio=paired_ratio(got["ours"], got["ref"])))
+                        f"b{batch}, {workers} workers vs {threads} thread(s), {batches} batches x {reps} rounds, "
+                        f"{spread(got['ours'], got['ref'])}", ratio=paired_ratio(got["ours"], got["ref"])))
     return rows
 
 

@@ -1,6 +1,6 @@
 """Benchmark 1: the engine's training loop vs a bare hand-written PyTorch loop, on CPU.
 
-    .venv/bin/python bench/loop_overhead.py [--steps 8] [--reps 7] [--threads 1] [--batch 128]
+    .venv/bin/python bench/loop_overhead.py [--steps 8] [--reps 15] [--threads 1] [--batch 128]
 
 Same model (resnet20, 100 classes), same batch size, same random CIFAR-sized uint8 data, same
 augmentation functions (random crop with padding 4 + flip, normalise), same SGD settings, same
@@ -56,7 +56,7 @@ evaluate = false
 """
 
 
-def run(steps: int = 8, reps: int = 7, threads: int = 1, batch: int = 128, images: int = 10_000) -> list[Row]:
+def run(steps: int = 8, reps: int = 15, threads: int = 1, batch: int = 128, images: int = 10_000) -> list[Row]:
     import torch
     import torch.nn.functional as F
     from common import random_bundle
@@ -110,7 +110,7 @@ def run(steps: int = 8, reps: int = 7, threads: int = 1, batch: int = 128, image
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
