@@ -21,7 +21,7 @@ from engine.errors import CheckpointError
 from engine.methods import losses
 from engine.methods.base import Method, StepOutput
 from engine.models import is_auxiliary
-from engine.recipe import Recipe
+from engine.recipe import Recipe, RecipeError
 from engine.teacher import Teacher
 
 DEFAULT_TEMPERATURE = {"kd": 4.0, "hsakd": 3.0, "teacher_target": 1.0}
@@ -72,8 +72,6 @@ class StudentMethod(Method):
             feats = net.stage_features(torch.zeros(1, 3, size, size, device=self.device))
         net.train(was_training)
         if not 1 <= stage < len(feats):
-            from engine.recipe import RecipeError
-
             raise RecipeError("recipe.toml", "distill.aux_stage",
                               f"{self.recipe.model.arch} has intermediate stages 1..{len(feats) - 1}, got {stage}")
         return AuxHead(feats[stage - 1].shape[1], self.recipe.model.num_classes or self.data.num_classes)
