@@ -35,17 +35,20 @@ KINDS = ("plain", "hsakd", "simclr")
 
 
 class PILDataset:
-    """CIFAR the torchvision way: HWC uint8 numpy rows, one PIL image per __getitem__."""
+    """CIFAR the torchvision way: HWC uint8 numpy rows, one PIL image per __getitem__. `length`
+    (default: the number of images) wraps around, so one epoch can be as long as a benchmark needs."""
 
-    def __init__(self, data_hwc: Any, labels: Any, transform: Callable[[Any], Any]) -> None:
+    def __init__(self, data_hwc: Any, labels: Any, transform: Callable[[Any], Any], length: int | None = None) -> None:
         self.data, self.labels, self.transform = data_hwc, labels, transform
+        self.length = length or len(data_hwc)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.length
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         from PIL import Image
 
+        i %= len(self.data)
         return self.transform(Image.fromarray(self.data[i])), int(self.labels[i])
 
 
@@ -81,9 +84,10 @@ def reference_block(kind: str, data_hwc: Any, labels: Any, batch: int, workers: 
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(PILDataset(data_hwc, labels, reference_transform(kind)), batch_size=batch, shuffle=True,
-                        num_workers=workers, drop_last=True, prefetch_factor=2 if workers else None)
     warm = 2 * workers
+    dataset = PILDataset(data_hwc, labels, reference_transform(kind), length=(warm + batches) * batch)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                        prefetch_factor=2 if workers else None)
 
     def consume(x: Any, y: Any) -> None:
         if kind == "hsakd":  # HSAKD's train loop: rotations of the loaded batch, joint labels
@@ -101,8 +105,6 @@ def reference_block(kind: str, data_hwc: Any, labels: Any, batch: int, workers: 
         del it  # joins the workers
         return batches * batch / seconds
 
-    if len(labels) < (warm + batches) * batch:
-        raise ValueError(f"{len(labels)} images are too few for {warm + batches} batches of {batch}")
     return block
 
 

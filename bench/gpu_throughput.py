@@ -1,7 +1,7 @@
 """Benchmark 3 (GPU): engine images/s vs a RepDistiller-style reference pipeline, and achieved
 TFLOP/s against the device's measured bf16 matmul rate.
 
-    .venv/bin/python bench/gpu_throughput.py [--steps 100] [--reps 3] [--compile] [--kinds ...]
+    .venv/bin/python bench/gpu_throughput.py [--steps 50] [--reps 3] [--compile] [--kinds ...]
     .venv/bin/python bench/gpu_throughput.py --device cpu --smoke   # exercise the code on CPU
 
 Without CUDA (and without --device cpu) it prints one "skipped: no CUDA device" row.
@@ -12,13 +12,14 @@ Workloads on random CIFAR-100-sized uint8 data (50,000 x 3x32x32, 100 classes):
 - simclr: resnet18 + projection head, two views, batch 512.
 
 Ours: the engine's Trainer (real method code, data on the GPU as uint8, batched augmentation on the
-GPU, cudnn.benchmark, `deterministic = false`), in configurations fp32 and bf16 + channels_last
-(+ torch.compile with --compile). Reference: torchvision PIL transforms in a DataLoader
-(num_workers = CPU count, pin_memory, non_blocking copies), a plain fp32 loop with
-cudnn.benchmark (as RepDistiller sets it); HSAKD rotations stacked on the GPU and the teacher under
+GPU, cudnn.benchmark, `deterministic = false`), in configurations fp32 and bf16, each with and
+without channels_last (+ bf16 + channels_last + torch.compile with --compile): the rows that
+decide the CUDA defaults of `train.precision` and `train.channels_last`. Reference: torchvision
+PIL transforms in a DataLoader (num_workers = CPU count, pin_memory, non_blocking copies), a plain
+fp32 loop with cudnn.benchmark (as RepDistiller sets it); HSAKD rotations stacked on the GPU and the teacher under
 no_grad; SimCLR's two views made by the loader. Each reference block starts a fresh loader
-iterator and its clock at the first batch (worker start-up not counted; the prefetched queue is,
-which flatters the reference). Blocks alternate engine / reference; medians of --reps.
+iterator, trains untimed on the batches prefetched during start-up (2 per worker), then times
+--steps steps. Blocks alternate engine / reference; medians of --reps.
 
 Achieved TFLOP/s = images/s x training FLOPs per image (FIELD-NOTES: resnet18 3.33 G; wrn_16_2
 0.607 G; wrn_40_2 1.97 G, its forward alone a third): supervised 3.33 G, hsakd 4 x (0.607 +
@@ -53,7 +54,12 @@ from data_path import PILDataset, reference_transform
 KINDS = ("supervised", "hsakd", "simclr")
 GFLOP_PER_IMAGE = {"supervised": 3.33, "hsakd": 4 * (0.607 + 1.97 / 3), "simclr": 2 * 3.33}
 ARCH = {"supervised": "resnet18", "hsakd": "wrn_16_2_aux", "simclr": "resnet18"}
-CONFIGS = {"fp32": 'precision = "fp32"', "bf16+cl": 'precision = "bf16"\nchannels_last = true'}
+CONFIGS = {  # explicit layouts: the "auto" default is off on CUDA until these rows say otherwise
+    "fp32": 'precision = "fp32"\nchannels_last = false',
+    "fp32+cl": 'precision = "fp32"\nchannels_last = true',
+    "bf16": 'precision = "bf16"\nchannels_last = false',
+    "bf16+cl": 'precision = "bf16"\nchannels_last = true',
+}
 
 RECIPE = """
 [run]
@@ -151,25 +157,30 @@ def reference_step(kind: str, device: str, bundle: Any, teacher_path: Path | Non
 
 def reference_block(kind: str, bundle: Any, batch: int, steps: int, device: str,
                     step: Callable[[Any, Any], None]) -> Callable[[], float]:
+    """A fresh loader iterator per block; the batches its workers prefetch while starting (2 per
+    worker) are trained on untimed, then `steps` are timed; the workers stop after the block."""
     from torch.utils.data import DataLoader
 
+    workers = os.cpu_count() or 1
+    warm = 2 * workers
     hwc = bundle.train.data.permute(0, 2, 3, 1).contiguous().numpy()
-    dataset = PILDataset(hwc, bundle.train.labels.numpy(), reference_transform(kind))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=os.cpu_count() or 1,
-                        pin_memory=device.startswith("cuda"))
+    dataset = PILDataset(hwc, bundle.train.labels.numpy(), reference_transform(kind), length=(warm + steps) * batch)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.startswith("cuda"), prefetch_factor=2)
     sync = device_sync(device) or (lambda: None)
 
     def block() -> float:
         batches: Iterator[Any] = iter(loader)
-        x, y = next(batches)  # worker start-up is not counted
-        step(x, y)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps - 1):
+        for _ in range(warm):
             step(*next(batches))
         sync()
-        del batches
-        return (steps - 1) * batch / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*next(batches))
+        sync()
+        seconds = time.perf_counter() - start
+        del batches  # joins the workers
+        return steps * batch / seconds
 
     return block
 
@@ -198,7 +209,7 @@ def engine_block(kind: str, config: str, bundle: Any, batch: int, steps: int, de
     return block
 
 
-def run(steps: int = 100, reps: int = 3, batch: int = 512, hsakd_batch: int = 128, device: str = "cuda",
+def run(steps: int = 50, reps: int = 3, batch: int = 512, hsakd_batch: int = 128, device: str = "cuda",
         compile_: bool = False, kinds: tuple[str, ...] = KINDS, images: int = 50_000) -> list[Row]:
     import torch
 
@@ -234,7 +245,7 @@ def run(steps: int = 100, reps: int = 3, batch: int = 512, hsakd_batch: int = 12
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--hsakd-batch", type=int, default=128)

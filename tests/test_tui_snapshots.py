@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import DataTable
 
 from tests.tui_fake import wait_for, workspace
 from tui.app import KdtuiApp
@@ -87,7 +88,14 @@ def test_compare_screen(snap_compare: Any, app: KdtuiApp, size: tuple[int, int])
         screen = pilot.app.screen
         assert isinstance(screen, CompareScreen)
         plot = screen.query_one(MetricPlot)
-        await wait_for(pilot, lambda: plot.painted_points >= 14 and screen.query_one("#compare-table").row_count == 3)
+        table = screen.query_one("#compare-table", DataTable)
+
+        def settled() -> bool:  # rows in, and the lazily recomputed column widths caught up with them
+            first = next(iter(table.columns.values()), None)
+            return plot.painted_points >= 14 and table.row_count == 3 and first is not None and \
+                first.content_width >= len("baseline")
+
+        await wait_for(pilot, settled)
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
