@@ -1,6 +1,6 @@
 """Benchmark 2: batched uint8 augmentation vs a torchvision DataLoader with PIL transforms, on CPU.
 
-    .venv/bin/python bench/data_path.py [--batches 20] [--reps 5] [--batch 128] [--threads N]
+    .venv/bin/python bench/data_path.py [--batches 20] [--reps 5] [--batch 128] [--threads 1 2]
 
 Both sides produce normalised float batches ready for the model from the same random CIFAR-sized
 uint8 data (50,000 images), measured as source images per second:
@@ -14,10 +14,10 @@ uint8 data (50,000 images), measured as source images per second:
 Reference: torchvision.transforms on PIL images in a DataLoader with num_workers = CPU count; each
 block starts a fresh iterator, takes the batches prefetched during start-up untimed, then times
 --batches batches and shuts the workers down (so they neither flatter the block nor run during
-ours). Ours: TensorSplit.batches + engine.data.augment on CPU tensors in the main process with
---threads intra-op threads (default 1: on a shared, loaded machine two OpenMP threads spin against
-each other and run several times slower than one; the reference's workers are single-threaded
-processes), so ours gets one core against the reference's CPU-count workers. Blocks alternate;
+ours). Ours: TensorSplit.batches + engine.data.augment on CPU tensors in the main process, once
+with 1 intra-op thread and once with as many as there are CPUs (--threads): on a quiet machine the
+second is the like-for-like comparison with CPU-count workers; on a shared, loaded one, OpenMP
+threads spin against the other processes and one thread is faster. Blocks alternate;
 the ratio is the median of per-round ratios. Target: >= 5x.
 """
 
@@ -124,29 +124,38 @@ def batched_stream(kind: str, split: Any, batch: int) -> Iterator[Any]:
         yield x, y
 
 
-def run(batches: int = 20, reps: int = 5, batch: int = 128, threads: int = 1, images: int = 50_000,
-        kinds: tuple[str, ...] = KINDS) -> list[Row]:
+def run(batches: int = 20, reps: int = 5, batch: int = 128, threads: tuple[int, ...] | None = None,
+        images: int = 50_000, kinds: tuple[str, ...] = KINDS) -> list[Row]:
+    """One row per (kind, thread count of ours); default thread counts: 1 and the CPU count."""
     import torch
     from common import random_uint8
 
     from engine.data.splits import TensorSplit
 
     workers = os.cpu_count() or 1
+    threads = tuple(dict.fromkeys(threads or (1, workers)))
     x = random_uint8(images)
     y = torch.randint(0, 100, (images,), generator=torch.Generator().manual_seed(1))
     hwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # what torchvision's CIFAR dataset holds
     split = TensorSplit(x, y)
     rows = []
     for kind in kinds:
-        torch.set_num_threads(threads)
         ref = reference_block(kind, hwc, y.numpy(), batch, workers, batches)
         ours = batched_stream(kind, split, batch)
-        got = interleave({"ours": lambda: batches * batch / timed(lambda: [next(ours) for _ in range(batches)]),  # noqa: B023
-                          "ref": ref}, reps)
-        rows.append(Row("2 data path (CPU)", f"{kind}: batched vs PIL DataLoader", median(got["ours"]),
-                        median(got["ref"]), "img/s", ">= 5",
-                        f"b{batch}, {workers} workers vs {threads} thread(s), {batches} batches x {reps} rounds, "
-                        f"{spread(got['ours'], got['ref'])}", ratio=paired_ratio(got["ours"], got["ref"])))
+
+        def block(n: int, stream: Iterator[Any] = ours) -> float:
+            torch.set_num_threads(n)
+            seconds = timed(lambda: [next(stream) for _ in range(batches)])
+            torch.set_num_threads(1)  # the reference's main process: collation and HSAKD's rotations
+            return batches * batch / seconds
+
+        got = interleave({**{f"ours{n}": functools.partial(block, n) for n in threads}, "ref": ref}, reps)
+        for n in threads:
+            mine = got[f"ours{n}"]
+            rows.append(Row("2 data path (CPU)", f"{kind}: batched ({n} thread{'s' * (n > 1)}) vs PIL DataLoader",
+                            median(mine), median(got["ref"]), "img/s", ">= 5",
+                            f"b{batch}, {workers} workers, {batches} batches x {reps} rounds, "
+                            f"{spread(mine, got['ref'])}", ratio=paired_ratio(mine, got["ref"])))
     return rows
 
 
@@ -155,11 +164,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for ours")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="intra-op thread counts for ours (default: 1 and the CPU count)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
     print(header("bench 2: data path"))
-    print_table(run(args.batches, args.reps, args.batch, args.threads, kinds=tuple(args.kinds)))
+    print_table(run(args.batches, args.reps, args.batch, tuple(args.threads or ()) or None, kinds=tuple(args.kinds)))
 
 
 if __name__ == "__main__":

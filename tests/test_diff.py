@@ -289,9 +289,9 @@ def test_errors_are_one_line_exit_2(trained: Trained, tmp_path: Path, case: str)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdtui: error: ") and out == ""
     expected = {"classes": "different num_classes", "dataset": "different dataset", "truncated": "truncated",
-                "foreign": "not a kdtui checkpoint", "garbage": "not a PyTorch zip archive", "directory": "is a directory",
-                "missing": "nosuchrun", "different_val_images": "different images", "bad_split": "--split",
-                "bad_filter": "--filter", "bad_class": "zebra"}[case]
+                "foreign": "not a kdtui checkpoint", "garbage": "not a PyTorch zip archive",
+                "directory": "is a directory", "missing": "nosuchrun", "different_val_images": "different images",
+                "bad_split": "--split", "bad_filter": "--filter", "bad_class": "zebra"}[case]
     assert expected in lines[0]
     if case in ("classes", "dataset"):  # refused before evaluating: no cache entry for the other file
         assert not (tmp_path / ".kdtui-predictions").exists()
