@@ -224,9 +224,12 @@ def random_resized_crop(
     cx = (p.left.float() + p.width.float() / 2) / w * 2 - 1
     cy = (p.top.float() + p.height.float() / 2) / h * 2 - 1
     sx = torch.where(p.flip, -sx, sx)
-    zero = torch.zeros(b)
-    theta = _on(torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1), dev)
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    # affine_grid's grid for a scale + shift (no rotation) is separable, so build it by broadcasting:
+    # the same coordinates, without the batched matmul affine_grid spends on it.
+    base = torch.arange(size, dtype=torch.float32, device=dev).mul_(2).add_(1).div_(size).sub_(1)  # pixel centres
+    sx, sy, cx, cy = _on(torch.stack([sx, sy, cx, cy]), dev).view(4, b, 1, 1).unbind()
+    gx, gy = (sx * base).add_(cx), (sy * base[:, None]).add_(cy)  # [B,1,S] and [B,S,1]
+    grid = torch.stack([gx.expand(b, size, size), gy.expand(b, size, size)], dim=3)
     out = F.grid_sample(_as_float(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = _like(out, x)
     return (out, p) if return_params else out
