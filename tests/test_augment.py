@@ -136,6 +136,30 @@ def test_hue_matches_torchvision() -> None:
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def test_jitter_matches_torchvision_per_sample_with_its_own_order() -> None:
+    """Every sample: its own factors, in its own random order of the four ops, as torchvision's
+    functional ops applied one image at a time; unselected samples untouched."""
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    b = 48
+    x = torch.rand(b, 3, 7, 7, generator=gen(3))
+    ours = A.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=gen(4))
+    g = gen(4)  # the draws, in color_jitter's order
+    apply = torch.rand((b,), generator=g) < 0.8
+    lo_hi = [(0.6, 1.4)] * 3 + [(-0.1, 0.1)]
+    factors = torch.stack([torch.rand((b,), generator=g) * (hi - lo) + lo for lo, hi in lo_hi], 1)
+    order = torch.rand((b, 4), generator=g).argsort(1)
+    ops = [tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue]
+    assert 0 < int(apply.sum()) < b and len({tuple(o) for o in order.tolist()}) > 6
+    for i in range(b):
+        ref = x[i]
+        if apply[i]:
+            for op in order[i].tolist():
+                ref = ops[op](ref, float(factors[i, op]))
+        assert torch.allclose(ours[i], ref, atol=1e-5), (i, order[i].tolist())
+        if not apply[i]:
+            assert torch.equal(ours[i], x[i])
+
+
 def test_simclr_views() -> None:
     x = coded_images(8, 8)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

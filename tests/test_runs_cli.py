@@ -55,6 +55,14 @@ def test_runs_json_filters_sorts_and_csv(history: list[RunDir]) -> None:
     assert code == 0 and "val.top1=0.7200" in out and out.splitlines()[0].split()[:2] == ["ID", "STATUS"]
 
 
+def test_csv_cells_never_run_as_spreadsheet_formulas(history: list[RunDir]) -> None:
+    assert invoke("note", "alpha", '=HYPERLINK("http://x","y")')[0] == 0
+    assert invoke("tag", "alpha", "@risk")[0] == 0
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(invoke("runs", "--csv")[1]))}
+    assert rows["alpha"]["note"] == '\'=HYPERLINK("http://x","y")' and rows["alpha"]["tags"] == "'@risk"
+    assert rows["alpha"]["best.val.top1"] == "0.61" and rows["gamma"]["error"] == "loss became nan"
+
+
 def test_show_tag_note_and_rm(history: list[RunDir], runs_dir: Path) -> None:
     alpha = history[0]
     code, out, _ = invoke("show", "alpha", "--json")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+_LUMA = (0.2989, 0.587, 0.114)  # as torchvision's rgb_to_grayscale (ITU-R 601 with 0.299 rounded down)
 
 
 def _rand(n: int, generator: torch.Generator | None, *shape: int) -> Tensor:
@@ -75,8 +75,8 @@ def random_crop_flip(
 
     Output pixel (i, j) of sample b comes from padded pixel (dy + i, dx + j), or (dy + i,
     dx + W-1-j) where flipped: one flat index per sample and pixel, shared by the channels.
-    No per-image slicing, no host sync on CUDA; on CPU 2.6x faster than gathering rows then
-    columns and 4x faster than a 4-D advanced index (uint8, batch 128, measured).
+    No per-image slicing, no host sync on CUDA; on CPU 2.6-3x faster than gathering rows, then
+    columns (uint8, batch 128, 1 thread, interleaved A/B), with the same draws and output.
     """
     b, c, h, w = x.shape
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)

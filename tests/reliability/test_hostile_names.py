@@ -2,7 +2,8 @@
 
 `../`, absolute paths, NUL, newlines, ANSI escapes, Rich/Textual markup, bidi overrides, shell
 syntax and 10,000 characters. They must never place a file outside the runs root, must come back
-unchanged from `kdtui runs --json` and `--csv`, must not reach the terminal raw through the text
+unchanged from `kdtui runs --json` and `--csv` (where text a spreadsheet would run as a formula gets
+a leading quote, and nothing else changes), must not reach the terminal raw through the text
 outputs (`kdtui runs`, `kdtui show`), and must not break the TUI's runs table or run view.
 """
 
@@ -107,6 +108,11 @@ def test_ten_thousand_character_name_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def as_csv(text: str) -> str:
+    """What `kdtui runs --csv` writes for a text: formula-like text (=, +, -, @, tab, CR first) quoted."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def test_json_and_csv_exports_parse_back(hostile_runs: tuple[Path, dict[str, RunDir], dict[str, str]]) -> None:
     root, runs, names = hostile_runs
     by_id = {run.id: key for key, run in runs.items()}
@@ -122,8 +128,8 @@ def test_json_and_csv_exports_parse_back(hostile_runs: tuple[Path, dict[str, Run
     rows = list(csv.DictReader(io.StringIO(result.stdout_bytes.decode(), newline="")))
     assert len(rows) == len(runs)
     for row in rows:
-        assert row["name"] == names[by_id[row["id"]]] and row["note"] == names[by_id[row["id"]]]
-        assert row["tags"] == ";".join([*names.values(), LONG])
+        assert row["name"] == as_csv(names[by_id[row["id"]]]) and row["note"] == as_csv(names[by_id[row["id"]]])
+        assert row["tags"] == as_csv(";".join([*names.values(), LONG]))
     found = json.loads(cli("runs", "--json", "--grep", "red", "--runs-dir", str(root)).stdout)
     assert runs["ansi"].id in {d["id"] for d in found}
 
@@ -136,7 +142,8 @@ def test_real_cli_exports(hostile_runs: tuple[Path, dict[str, RunDir], dict[str,
     assert listed.returncode == 0, listed.stderr
     assert sorted(d["name"] for d in json.loads(listed.stdout)) == sorted(names.values())
     exported = subprocess.run([*command, "--csv"], cwd=ROOT, capture_output=True, timeout=120).stdout.decode()
-    assert sorted(r["name"] for r in csv.DictReader(io.StringIO(exported, newline=""))) == sorted(names.values())
+    assert sorted(r["name"] for r in csv.DictReader(io.StringIO(exported, newline=""))) == sorted(
+        as_csv(name) for name in names.values())
     table = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=120)
     assert table.returncode == 0 and terminal_safe(table.stdout.decode()), table.stdout[:300]
 

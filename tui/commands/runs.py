@@ -102,7 +102,12 @@ def _write_csv(docs: list[dict[str, Any]]) -> None:
     extra = sorted({key for row in flat for key in row} - set(base))
     writer = csv.DictWriter(sys.stdout, fieldnames=base + extra, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(flat)
+    writer.writerows([{key: _inert(value) for key, value in row.items()} for row in flat])
+
+
+def _inert(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (=, +, -, @ first) gets a leading quote."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 @app.command()
