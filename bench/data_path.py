@@ -94,25 +94,23 @@ def reference_block(kind: str, data_hwc: Any, labels: Any, batch: int, workers: 
             x = torch.stack([torch.rot90(x, k, (2, 3)) for k in range(4)], 1).view(-1, 3, 32, 32)
             y = torch.stack([y * 4 + k for k in range(4)], 1).view(-1)
 
-    def take(it: Iterator[Any], n: int) -> None:
-        for _ in range(n):
-            consume(*next(it))
-
     def block() -> float:
         it = iter(loader)
-        take(it, warm)
-        seconds = timed(functools.partial(take, it, batches))
+        take(it, warm, consume)
+        seconds = timed(functools.partial(take, it, batches, consume))
         del it  # joins the workers
         return batches * batch / seconds
 
     return block
 
 
-def take(stream: Iterator[Any], n: int) -> None:
-    """Draw n batches, dropping each before the next, as a training loop does (keeping all of them
-    alive would time page faults on fresh memory instead of the augmentation)."""
+def take(stream: Iterator[Any], n: int, consume: Callable[..., None] | None = None) -> None:
+    """Draw n batches (passing each to `consume`), dropping each before the next, as a training loop
+    does: keeping them all alive would time page faults on fresh memory instead of the augmentation."""
     for _ in range(n):
-        next(stream)
+        batch = next(stream)
+        if consume:
+            consume(*batch)
 
 
 def batched_stream(kind: str, split: Any, batch: int) -> Iterator[Any]:
