@@ -19,6 +19,10 @@ with 1 intra-op thread and once with as many as there are CPUs (--threads): on a
 second is the like-for-like comparison with CPU-count workers; on a shared, loaded one, OpenMP
 threads spin against the other processes and one thread is faster. Blocks alternate;
 the ratio is the median of per-round ratios. Target: >= 5x.
+
+The process keeps freed heap memory for reuse (`engine.heap.keep_freed_heap`), as the engine does
+for every CPU run; the reference's workers are forked from it and inherit that. Without it, glibc
+returns the batch buffers to the OS and page-faults them in again for every batch.
 """
 
 from __future__ import annotations
@@ -136,7 +140,9 @@ def run(batches: int = 20, reps: int = 5, batch: int = 128, threads: tuple[int, 
     from common import random_uint8
 
     from engine.data.splits import TensorSplit
+    from engine.heap import keep_freed_heap
 
+    keep_freed_heap()  # as engine.trainer.setup_torch does for CPU runs
     workers = os.cpu_count() or 1
     threads = tuple(dict.fromkeys(threads or (1, workers)))
     x = random_uint8(images)

@@ -86,8 +86,9 @@ def run(steps: int = 8, reps: int = 15, threads: int = 1, batch: int = 128, imag
                 order = torch.randperm(len(y_all), generator=gen)
                 for i in range(steps):
                     idx = order[i * batch:(i + 1) * batch]
-                    x = aug.normalize(aug.random_crop_flip(x_all[idx], 4, generator=gen), bundle.mean, bundle.std)
-                    loss = F.cross_entropy(model(x.contiguous(memory_format=layout)), y_all[idx])
+                    x = aug.random_crop_flip(x_all.index_select(0, idx), 4, generator=gen)
+                    x = aug.normalize(x, bundle.mean, bundle.std)
+                    loss = F.cross_entropy(model(x.contiguous(memory_format=layout)), y_all.index_select(0, idx))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

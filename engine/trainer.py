@@ -27,6 +27,7 @@ import torch
 from engine import distributed
 from engine.checkpoint import DiskFullError, load_checkpoint, remove_stale_temps, save_checkpoint
 from engine.data import build_data
+from engine.heap import keep_freed_heap
 from engine.methods.base import Method, topk_correct
 from engine.methods.registry import method_class
 from engine.metrics import MetricsLog
@@ -69,6 +70,8 @@ def setup_torch(recipe: Recipe) -> torch.device:
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        keep_freed_heap()  # batches are built in fresh host buffers: reuse them, do not page-fault
     return device
 
 

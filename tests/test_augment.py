@@ -102,6 +102,41 @@ def test_random_resized_crop_box_content() -> None:
     assert len(set(zip(p.top.tolist(), p.left.tolist(), strict=True))) > 1
 
 
+def test_random_resized_crop_matches_torchvision_per_sample() -> None:
+    """Every sample's box resized as torchvision's resized_crop(antialias=False), then flipped where
+    drawn: up- and downsampling, boxes at the image edges, no pixel from outside the box."""
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = torch.rand(64, 3, 20, 24, generator=gen(7))
+    for size in (32, 20, 12):
+        out, p = A.random_resized_crop(x, size, generator=gen(size), flip_p=0.5, return_params=True)
+        assert 0 < int(p.flip.sum()) < 64 and int(p.left.min()) == 0 and int((p.left + p.width).max()) == 24
+        for i in range(64):
+            box = (int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]))
+            ref = tvf.resized_crop(x[i], *box, [size, size], antialias=False)
+            ref = ref.flip(-1) if p.flip[i] else ref
+            assert torch.allclose(out[i], ref, atol=1e-5), (size, i, box)
+    # a constant box stays constant: nothing from outside the box leaks in at its edges
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 4:12, 4:12] = 1
+    out, p = A.random_resized_crop(x.expand(256, -1, -1, -1), 16, scale=(0.05, 0.15), generator=gen(1),
+                                   return_params=True)
+    inside = (p.top >= 4) & (p.left >= 4) & (p.top + p.height <= 12) & (p.left + p.width <= 12)
+    assert int(inside.sum()) > 0 and bool((out[inside] == 1).all())
+
+
+def test_simclr_views_are_the_public_ops_in_turn() -> None:
+    """simclr_views works in place for speed; it must give what the public ops give, bit for bit."""
+    x = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen(8))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    views = A.simclr_views(x, gen(9), mean=mean, std=std, size=12)
+    g = gen(9)
+    for got in views:
+        v = A.random_resized_crop(x.float() / 255, 12, (0.08, 1.0), (3 / 4, 4 / 3), g, flip_p=0.5)
+        v = A.color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=g)
+        v = A.normalize(A.random_grayscale(v, 0.2, g), mean, std)
+        assert torch.equal(got, v)
+
+
 def test_grayscale_and_jitter() -> None:
     x = torch.rand(32, 3, 6, 6, generator=gen(0))
     g = A.random_grayscale(x, 1.0, generator=gen(0))

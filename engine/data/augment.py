@@ -109,6 +109,13 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return (x * scale).sub_(shift)
 
 
+@functools.lru_cache(maxsize=32)
+def _const(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A small float32 constant on `device`, made once (a per-batch host-to-device copy would sync)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.float32).to(device)
+
+
 @functools.lru_cache(maxsize=16)
 def _normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, ...]:
     """(1 / std, 1 / (255 std), mean / std) as [1,C,1,1] float32 on `device`, made once per device
@@ -201,6 +208,43 @@ def resized_crop_params(
     return ResizedCropParams(top=top, left=left, height=ch, width=cw, flip=flip)
 
 
+def _linear_taps(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample [B], resizing the span [start, start + length) to `size` pixels as PyTorch's bilinear
+    interpolate does on the cropped image (align_corners=False, no antialias): source position
+    (j + 0.5) * length / size - 0.5, at least 0, between pixels `lower` and `upper` (clamped to the
+    span) with weight `weight` on `upper`. Returns the three as [B,size], indices into the full image."""
+    scale = length.float() / size
+    src = ((torch.arange(size, dtype=torch.float32) + 0.5) * scale[:, None] - 0.5).clamp_min_(0)
+    lower = src.floor()
+    weight = src - lower
+    lower = lower.long()
+    upper = torch.minimum(lower + 1, length[:, None] - 1)
+    return lower + start[:, None], upper + start[:, None], weight
+
+
+def _resample_rows(x: Tensor, lower: Tensor, upper: Tensor, weight: Tensor) -> Tensor:
+    """[B,C,H,W] -> [B,C,S,W]: output row i of sample b is source row lower[b,i] blended with row
+    upper[b,i] by weight[b,i] ([B,S] each). Rows are whole memory lines, so each tap is one
+    index_select over the flattened rows: a row copy, where a per-pixel gather costs 10x more."""
+    b, c, h, w = x.shape
+    s, dev = lower.shape[1], x.device
+    base = (torch.arange(b * c, device=dev) * h).view(b, c, 1)
+    rows = x.reshape(b * c * h, w)
+    out = rows.index_select(0, (base + _on(lower, dev)[:, None]).view(-1)).view(b, c, s, w)
+    nxt = rows.index_select(0, (base + _on(upper, dev)[:, None]).view(-1)).view(b, c, s, w)
+    return out.lerp_(nxt, _on(weight, dev).view(b, 1, s, 1))
+
+
+def _crop_resize(x_t: Tensor, p: ResizedCropParams, size: int) -> Tensor:
+    """The resampling of random_resized_crop on float images given transposed ([B,C,W,H]): columns
+    first (rows of x_t), then rows; the flip reverses each flipped sample's column taps."""
+    cols = _linear_taps(p.left, p.width, size)
+    if p.flip.any():
+        cols = tuple(torch.where(p.flip[:, None], t.flip(1), t) for t in cols)
+    by_cols = _resample_rows(x_t, *cols)  # [B,C,S,H]: output column j, all source rows
+    return _resample_rows(by_cols.transpose(2, 3), *_linear_taps(p.top, p.height, size))
+
+
 def random_resized_crop(
     x: Tensor,
     size: int,
@@ -211,96 +255,132 @@ def random_resized_crop(
     flip_p: float = 0.0,
     return_params: bool = False,
 ) -> Tensor | tuple[Tensor, ResizedCropParams]:
-    """Batched RandomResizedCrop (+ optional horizontal flip folded into the same warp).
+    """Batched RandomResizedCrop (+ optional horizontal flip) with torchvision's resampling.
 
-    One affine grid per sample (`affine_grid` + bilinear `grid_sample`, align_corners=False),
-    so a full-image box maps pixel centres exactly onto pixel centres (identity). Unlike
-    torchvision's tensor resize there is no antialiasing when shrinking a large crop; at
-    CIFAR sizes crops are upsampled or near 1:1, where it does not matter.
+    Each sample's box is resized as torchvision's `resized_crop(..., antialias=False)` does it
+    (separable bilinear, align_corners=False, edges clamped to the box, so no pixel outside the box
+    leaks in; tests compare per sample). Like that, no antialiasing when shrinking a large crop;
+    at CIFAR sizes crops are upsampled or near 1:1, where it does not matter.
     """
     b, _, h, w = x.shape
     p = resized_crop_params(b, h, w, scale, ratio, flip_p, generator)
-    dev = x.device
-    sx = p.width.float() / w
-    sy = p.height.float() / h
-    cx = (p.left.float() + p.width.float() / 2) / w * 2 - 1
-    cy = (p.top.float() + p.height.float() / 2) / h * 2 - 1
-    sx = torch.where(p.flip, -sx, sx)
-    # affine_grid's grid for a scale + shift (no rotation) is separable, so build it by broadcasting:
-    # the same coordinates, without the batched matmul affine_grid spends on it.
-    base = torch.arange(size, dtype=torch.float32, device=dev).mul_(2).add_(1).div_(size).sub_(1)  # pixel centres
-    sx, sy, cx, cy = _on(torch.stack([sx, sy, cx, cy]), dev).view(4, b, 1, 1).unbind()
-    gx, gy = (sx * base).add_(cx), (sy * base[:, None]).add_(cy)  # [B,1,S] and [B,S,1]
-    grid = torch.stack([gx.expand(b, size, size), gy.expand(b, size, size)], dim=3)
-    out = F.grid_sample(_as_float(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = _like(out, x)
+    out = _like(_crop_resize(_as_float(x).transpose(2, 3), p, size), x)
     return (out, p) if return_params else out
 
 
 # ---------------------------------------------------------------- colour
+# The colour ops work in place on float [k,3,H,W] rows: a fresh full-size buffer costs page faults
+# (measured: more than the arithmetic on CPU), so each op allocates only what it must.
 
 def grayscale(x: Tensor) -> Tensor:
-    """float [B,3,H,W] -> float [B,1,H,W] luma."""
+    """float [B,3,H,W] -> float [B,1,H,W] luma, with torchvision's weights and order of operations."""
     r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    return torch.mul(r, _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+
+
+def _grayscale_rows_(x: Tensor, rows: Tensor) -> Tensor:
+    """Replace RGB by its luma on all three channels of x[rows] (float x, in place)."""
+    if rows.numel():
+        rows = _on(rows, x.device)
+        x.index_copy_(0, rows, grayscale(x.index_select(0, rows)).expand(-1, 3, -1, -1))
+    return x
 
 
 def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """With probability p per sample, replace RGB by its luma on all three channels."""
-    mask = _rand(x.shape[0], generator) < p
-    gray = _like(grayscale(_as_float(x)).expand_as(x), x)
-    return torch.where(_on(mask, x.device)[:, None, None, None], gray, x)
-
-
-def _blend(a: Tensor, b: Tensor, f: Tensor) -> Tensor:
-    return (f * a + (1 - f) * b).clamp(0, 1)
-
-
-def _hue6(r: Tensor, g: Tensor, b: Tensor, maxc: Tensor, chroma: Tensor) -> Tensor:
-    """Hue in sextants, in [-1, 5): 6 x torchvision's _rgb2hsv hue before its `mod 1` (0 for grays).
-
-    Branch-free: on CPU `where`, `==` and `remainder` cost 5-20x an add, so the channel holding the
-    maximum is picked with 1 - sign(max - c) (max - c >= 0), red first, then green, as torchvision.
-    """
-    dr, dg, db = maxc - r, maxc - g, maxc - b
-    inv = chroma.clamp_min(1e-20).reciprocal_()  # grays: dr = dg = db = 0, so any finite inverse gives 0
-    is_r, is_g = torch.sign(dr).neg_().add_(1), torch.sign(dg).neg_().add_(1)
-    red = (db - dg).mul_(inv)  # max is red: (b - g) / C
-    blue = (dg - dr).mul_(inv).add_(4)  # max is blue: 4 + (r - g) / C
-    green = (dr - db).mul_(inv).add_(2)  # max is green: 2 + (b - r) / C
-    not_red = blue.add_(green.sub_(blue).mul_(is_g))  # green if the max is green, else blue
-    return not_red.add_(red.sub_(not_red).mul_(is_r))
-
-
-def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by shift [k] (fraction of a turn). Value (max) and chroma (max - min) are
-    unchanged by a hue rotation, so HSV->RGB reduces to the closed form
-    c_n = V - C * clamp(min(k_n, 4 - k_n), 0, 1), k_n = (n + 6h) mod 6, n = 5, 3, 1.
-    Written with in-place ops: fresh [k,H,W] buffers (page faults) cost more than the arithmetic."""
-    r, g, b = x.unbind(1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    h6 = _hue6(r, g, b, maxc, chroma).add_(shift.view(-1, 1, 1) * 6)
-    out = torch.empty_like(x)
-    k, t = torch.empty_like(h6), torch.empty_like(h6)
-    for channel, n in enumerate((5.0, 3.0, 1.0)):
-        torch.add(h6, n, out=k)
-        k.sub_(torch.mul(k, 1 / 6, out=t).floor_().mul_(6))  # k mod 6 (h6 + n may be 6 or more)
-        torch.minimum(k, torch.neg(k, out=t).add_(4), out=t).clamp_(0, 1)
-        torch.sub(maxc, t.mul_(chroma), out=out[:, channel])
+    rows = (_rand(x.shape[0], generator) < p).nonzero().squeeze(1)
+    if x.dtype != torch.uint8:
+        return _grayscale_rows_(x.clone(), rows)
+    out = x.clone()
+    if rows.numel():
+        rows = _on(rows, x.device)
+        out.index_copy_(0, rows, _like(grayscale(_as_float(x.index_select(0, rows))), x).expand(-1, 3, -1, -1))
     return out
 
 
-def _adjust(x: Tensor, op: int, f: Tensor) -> Tensor:
-    """Apply one torchvision colour op with per-sample factor f [k] (float images)."""
-    f4 = f.view(-1, 1, 1, 1)
-    if op == 0:  # brightness
-        return (x * f4).clamp(0, 1)
-    if op == 1:  # contrast: blend with the mean luma of each image
-        return _blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f4)
-    if op == 2:  # saturation: blend with the per-pixel luma
-        return _blend(x, grayscale(x), f4)
-    return _shift_hue(x, f)
+def _brightness_(x: Tensor, f: Tensor) -> Tensor:
+    return x.mul_(f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _contrast_(x: Tensor, f: Tensor) -> Tensor:
+    """Blend with each image's mean luma (= the luma of its channel means: one small reduction)."""
+    mean = x.mean((2, 3)) @ _const(_LUMA, x.device)  # [k]
+    return x.mul_(f.view(-1, 1, 1, 1)).add_(((1 - f) * mean).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _saturation_(x: Tensor, f: Tensor) -> Tensor:
+    """Blend with the per-pixel luma, as torchvision: f * x + (1 - f) * gray, clamped."""
+    gray = grayscale(x).mul_((1 - f).view(-1, 1, 1, 1))
+    return x.mul_(f.view(-1, 1, 1, 1)).add_(gray).clamp_(0, 1)
+
+
+def _shift_hue_(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate hue by shift [k] (fraction of a turn), in place, with torchvision's HSV semantics.
+
+    A hue rotation keeps V = max and C = max - min, so HSV->RGB reduces to a closed form:
+    c_n = min + C * clamp(tri(6h' + n - 2) - 1, 0, 1), n = 5, 3, 1 for R, G, B, where tri is the
+    distance to the nearest multiple of 6 (periodic, so no `mod`). The hue before the shift, in
+    sextants, is 2i + (x[i+1] - x[i+2]) / C for a channel i holding the max; where two channels tie,
+    their values agree mod 6 except red/blue (-1 vs 5), so the largest of 2 + that over the max
+    channels picks one consistently, without torchvision's branches. Non-max channels are pushed
+    below by 8 * sign(max - x) (float ops: a bool mask costs 5x more on CPU). About 20 tensor ops,
+    most over all three channels at once: the per-op dispatch is what costs at these sizes.
+    """
+    k = x.shape[0]
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    chroma = maxc - minc
+    inv = torch.clamp_min(chroma, 1e-20).reciprocal_()  # grays: every difference below is 0
+    cand = torch.empty_like(x)  # per channel i: 2 + 2i + (x[i+1] - x[i+2]) / C, in [1, 7]
+    for i in range(3):
+        torch.sub(x[:, (i + 1) % 3], x[:, (i + 2) % 3], out=cand[:, i])
+    cand.mul_(inv).add_(_const((2.0, 4.0, 6.0), x.device).view(1, 3, 1, 1))
+    not_max = torch.sub(maxc, x).sign_()  # 1 where the channel is below the max, else 0
+    h6 = cand.sub_(not_max, alpha=8).amax(1, keepdim=True)  # hue in sextants + 2, in [1, 7)
+    # per sample and channel: the shift in sextants, the -2 above, and n - 2 for n = 5, 3, 1
+    const = (shift.view(k, 1) * 6 - 2) + _const((3.0, 1.0, -1.0), x.device)
+    t = torch.add(h6, const.view(k, 3, 1, 1), out=cand)  # [k,3,H,W], reusing the buffers
+    near6 = torch.mul(t, 1 / 6, out=not_max).round_()
+    t.sub_(near6, alpha=6).abs_().sub_(1).clamp_(0, 1).mul_(chroma)
+    return torch.add(t, minc, out=x)
+
+
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_, _shift_hue_)  # torchvision's fn_idx order
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    return _shift_hue_(x.clone(), shift)
+
+
+def _color_jitter_(
+    x: Tensor, strengths: tuple[float, float, float, float], p: float, generator: torch.Generator | None,
+) -> Tensor:
+    """color_jitter on float x, in place. The rows to jitter are gathered once, ordered by the op
+    each runs in the first slot; before each later slot they are re-ordered by that slot's op, so
+    every op runs once per slot on a contiguous slice; one index_copy_ puts them back."""
+    b = x.shape[0]
+    brightness, contrast, saturation, hue = strengths
+    apply = _rand(b, generator) < p
+    ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
+              (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
+    factors = torch.stack([_uniform(b, lo, hi, generator) for lo, hi in ranges], 1)   # [B,4]
+    order = torch.rand((b, 4), generator=generator).argsort(1)                        # [B,4]
+    enabled = [v > 0 for v in strengths]
+    samples = apply.nonzero().squeeze(1)  # which sample each row of `rows` holds, in the current order
+    if not samples.numel() or not any(enabled):
+        return x
+    dev = x.device
+    rows, held = None, samples
+    for slot in range(4):
+        ops = order[held, slot]
+        regroup = ops.argsort(stable=True)
+        held, ops = held[regroup], ops[regroup]
+        rows = x.index_select(0, _on(held, dev)) if rows is None else rows.index_select(0, _on(regroup, dev))
+        start = 0
+        for op, count in enumerate(torch.bincount(ops, minlength=4).tolist()):
+            if count and enabled[op]:
+                _JITTER_OPS[op](rows[start:start + count], _on(factors[held[start:start + count], op], dev))
+            start += count
+    return x.index_copy_(0, _on(held, dev), rows)
 
 
 def color_jitter(
@@ -316,27 +396,12 @@ def color_jitter(
 
     Factors are per sample (brightness/contrast/saturation ~ U[max(0,1-v), 1+v], hue shift
     ~ U[-hue, hue]) and so is the order of the four ops: torchvision draws one random order
-    per call; here each sample gets its own random permutation (SimCLR's intent). Each op
-    runs only on the samples that have it in that slot, so the work stays 4 ops per image.
-    Samples not selected (rand >= p) are returned unchanged, bit for bit.
+    per call, and the PIL pipelines call it once per image; so here each sample gets its own
+    random permutation. Each op runs only on the samples that have it in that slot, so the work
+    stays 4 ops per image. Samples not selected (rand >= p) are returned unchanged, bit for bit.
     """
-    b = x.shape[0]
-    xf = _as_float(x).clone()
-    apply = _rand(b, generator) < p
-    ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
-              (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
-    factors = torch.stack([_uniform(b, lo, hi, generator) for lo, hi in ranges], 1)   # [B,4]
-    order = torch.rand((b, 4), generator=generator).argsort(1)                        # [B,4]
-    enabled = [brightness > 0, contrast > 0, saturation > 0, hue > 0]
-    for slot in range(4):
-        for op in range(4):
-            if not enabled[op]:
-                continue
-            idx = (apply & (order[:, slot] == op)).nonzero().squeeze(1)
-            if idx.numel():
-                idx_d = _on(idx, x.device)
-                xf[idx_d] = _adjust(xf[idx_d], op, _on(factors[idx, op], x.device))
-    return _like(xf, x)
+    xf = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
+    return _like(_color_jitter_(xf, (brightness, contrast, saturation, hue), p, generator), x)
 
 
 # ---------------------------------------------------------------- SimCLR
@@ -355,14 +420,21 @@ def simclr_views(
     gray_p: float = 0.2,
     flip_p: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
-    """Two independently augmented, normalised views (SimCLR CIFAR recipe; no blur at 32 px)."""
+    """Two independently augmented, normalised views (SimCLR CIFAR recipe; no blur at 32 px).
+
+    The same draws and results as random_resized_crop, color_jitter, random_grayscale and normalize
+    in turn, but each view is made in its own fresh buffers, in place (and the images are
+    transposed once for both views): fresh full-size buffers cost more than the arithmetic on CPU.
+    """
     size = size or x.shape[-1]
-    xf = _as_float(x)
+    b, _, h, w = x.shape
+    x_t = _as_float(x).transpose(2, 3).contiguous()  # the column pass of both views reads rows of this
+    scale, _, shift = _normalizer(tuple(mean), tuple(std), x.device)
 
     def view() -> Tensor:
-        v = random_resized_crop(xf, size, crop_scale, crop_ratio, generator, flip_p=flip_p)
-        v = color_jitter(v, *jitter, p=jitter_p, generator=generator)
-        v = random_grayscale(v, gray_p, generator)
-        return normalize(v, mean, std)
+        v = _crop_resize(x_t, resized_crop_params(b, h, w, crop_scale, crop_ratio, flip_p, generator), size)
+        v = _color_jitter_(v, jitter, jitter_p, generator)
+        v = _grayscale_rows_(v, (_rand(b, generator) < gray_p).nonzero().squeeze(1))
+        return v.mul_(scale).sub_(shift)
 
     return view(), view()
