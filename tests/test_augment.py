@@ -129,8 +129,9 @@ def test_simclr_views_are_the_public_ops_in_turn() -> None:
     x = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen(8))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     views = A.simclr_views(x, gen(9), mean=mean, std=std, size=12)
+    assert views.shape == (48, 3, 12, 12)
     g = gen(9)
-    for got in views:
+    for got in views.chunk(2):
         v = A.random_resized_crop(x.float() / 255, 12, (0.08, 1.0), (3 / 4, 4 / 3), g, flip_p=0.5)
         v = A.color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=g)
         v = A.normalize(A.random_grayscale(v, 0.2, g), mean, std)
@@ -198,12 +199,12 @@ def test_jitter_matches_torchvision_per_sample_with_its_own_order() -> None:
 def test_simclr_views() -> None:
     x = coded_images(8, 8)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    v1, v2 = A.simclr_views(x, gen(0), mean=mean, std=std)
+    v1, v2 = A.simclr_views(x, gen(0), mean=mean, std=std).chunk(2)
     assert v1.shape == v2.shape == (8, 3, 8, 8) and v1.dtype == torch.float32
     assert not torch.allclose(v1, v2)
-    w1, w2 = A.simclr_views(x, gen(0), mean=mean, std=std)
+    w1, w2 = A.simclr_views(x, gen(0), mean=mean, std=std).chunk(2)
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
     # no augmentation at all -> both views are the normalised input
     n1, n2 = A.simclr_views(x, gen(0), mean=mean, std=std, crop_scale=(1, 1), jitter_p=0, gray_p=0,
-                            flip_p=0, crop_ratio=(1, 1))
+                            flip_p=0, crop_ratio=(1, 1)).chunk(2)
     assert torch.allclose(n1, A.normalize(x, mean, std), atol=1e-5) and torch.allclose(n1, n2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -222,26 +222,29 @@ def _linear_taps(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tens
     return lower + start[:, None], upper + start[:, None], weight
 
 
-def _resample_rows(x: Tensor, lower: Tensor, upper: Tensor, weight: Tensor) -> Tensor:
-    """[B,C,H,W] -> [B,C,S,W]: output row i of sample b is source row lower[b,i] blended with row
-    upper[b,i] by weight[b,i] ([B,S] each). Rows are whole memory lines, so each tap is one
-    index_select over the flattened rows: a row copy, where a per-pixel gather costs 10x more."""
+def _resample_rows(x: Tensor, lower: Tensor, upper: Tensor, weight: Tensor, source: Tensor | None = None) -> Tensor:
+    """[B,C,H,W] -> [R,C,S,W]: output row i of sample r is row lower[r,i] of sample source[r] (default
+    r) blended with its row upper[r,i] by weight[r,i] ([R,S] each). Rows are whole memory lines, so
+    each tap is one index_select over the flattened rows: a row copy, where a per-pixel gather costs
+    10x more."""
     b, c, h, w = x.shape
-    s, dev = lower.shape[1], x.device
-    base = (torch.arange(b * c, device=dev) * h).view(b, c, 1)
+    r, s, dev = lower.shape[0], lower.shape[1], x.device
+    source = torch.arange(b) if source is None else source
+    base = _on((source[:, None] * c + torch.arange(c)) * h, dev).view(r, c, 1)
     rows = x.reshape(b * c * h, w)
-    out = rows.index_select(0, (base + _on(lower, dev)[:, None]).view(-1)).view(b, c, s, w)
-    nxt = rows.index_select(0, (base + _on(upper, dev)[:, None]).view(-1)).view(b, c, s, w)
-    return out.lerp_(nxt, _on(weight, dev).view(b, 1, s, 1))
+    out = rows.index_select(0, (base + _on(lower, dev)[:, None]).view(-1)).view(r, c, s, w)
+    nxt = rows.index_select(0, (base + _on(upper, dev)[:, None]).view(-1)).view(r, c, s, w)
+    return out.lerp_(nxt, _on(weight, dev).view(r, 1, s, 1))
 
 
-def _crop_resize(x_t: Tensor, p: ResizedCropParams, size: int) -> Tensor:
+def _crop_resize(x_t: Tensor, p: ResizedCropParams, size: int, source: Tensor | None = None) -> Tensor:
     """The resampling of random_resized_crop on float images given transposed ([B,C,W,H]): columns
-    first (rows of x_t), then rows; the flip reverses each flipped sample's column taps."""
+    first (rows of x_t), then rows; the flip reverses each flipped sample's column taps. Box r is
+    cut from image source[r] (default r), so several crops of one batch need no copy of it."""
     cols = _linear_taps(p.left, p.width, size)
     if p.flip.any():
         cols = tuple(torch.where(p.flip[:, None], t.flip(1), t) for t in cols)
-    by_cols = _resample_rows(x_t, *cols)  # [B,C,S,H]: output column j, all source rows
+    by_cols = _resample_rows(x_t, *cols, source=source)  # [R,C,S,H]: output column j, all source rows
     return _resample_rows(by_cols.transpose(2, 3), *_linear_taps(p.top, p.height, size))
 
 
@@ -351,34 +354,46 @@ def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     return _shift_hue_(x.clone(), shift)
 
 
-def _color_jitter_(
-    x: Tensor, strengths: tuple[float, float, float, float], p: float, generator: torch.Generator | None,
-) -> Tensor:
+@dataclass
+class JitterParams:
+    """Per-sample draws of color_jitter: whether it applies, the four factors, the order of the ops."""
+
+    apply: Tensor  # bool [B]
+    factors: Tensor  # float [B,4]: brightness, contrast, saturation, hue shift (torchvision's fn_idx order)
+    order: Tensor  # int64 [B,4]: op index in each of the four slots
+
+    @classmethod
+    def draw(cls, b: int, strengths: Sequence[float], p: float, generator: torch.Generator | None) -> JitterParams:
+        brightness, contrast, saturation, hue = strengths
+        apply = _rand(b, generator) < p
+        ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
+                  (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
+        factors = torch.stack([_uniform(b, lo, hi, generator) for lo, hi in ranges], 1)
+        return cls(apply, factors, torch.rand((b, 4), generator=generator).argsort(1))
+
+    @staticmethod
+    def cat(parts: Sequence[JitterParams]) -> JitterParams:
+        return JitterParams(*(torch.cat([getattr(q, f) for q in parts]) for f in ("apply", "factors", "order")))
+
+
+def _color_jitter_(x: Tensor, params: JitterParams, strengths: Sequence[float]) -> Tensor:
     """color_jitter on float x, in place. The rows to jitter are gathered once, ordered by the op
     each runs in the first slot; before each later slot they are re-ordered by that slot's op, so
     every op runs once per slot on a contiguous slice; one index_copy_ puts them back."""
-    b = x.shape[0]
-    brightness, contrast, saturation, hue = strengths
-    apply = _rand(b, generator) < p
-    ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
-              (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
-    factors = torch.stack([_uniform(b, lo, hi, generator) for lo, hi in ranges], 1)   # [B,4]
-    order = torch.rand((b, 4), generator=generator).argsort(1)                        # [B,4]
     enabled = [v > 0 for v in strengths]
-    samples = apply.nonzero().squeeze(1)  # which sample each row of `rows` holds, in the current order
-    if not samples.numel() or not any(enabled):
+    held = params.apply.nonzero().squeeze(1)  # which sample each row of `rows` holds, in the current order
+    if not held.numel() or not any(enabled):
         return x
-    dev = x.device
-    rows, held = None, samples
+    dev, rows = x.device, None
     for slot in range(4):
-        ops = order[held, slot]
+        ops = params.order[held, slot]
         regroup = ops.argsort(stable=True)
         held, ops = held[regroup], ops[regroup]
         rows = x.index_select(0, _on(held, dev)) if rows is None else rows.index_select(0, _on(regroup, dev))
         start = 0
         for op, count in enumerate(torch.bincount(ops, minlength=4).tolist()):
             if count and enabled[op]:
-                _JITTER_OPS[op](rows[start:start + count], _on(factors[held[start:start + count], op], dev))
+                _JITTER_OPS[op](rows[start:start + count], _on(params.factors[held[start:start + count], op], dev))
             start += count
     return x.index_copy_(0, _on(held, dev), rows)
 
@@ -400,8 +415,10 @@ def color_jitter(
     random permutation. Each op runs only on the samples that have it in that slot, so the work
     stays 4 ops per image. Samples not selected (rand >= p) are returned unchanged, bit for bit.
     """
+    strengths = (brightness, contrast, saturation, hue)
+    params = JitterParams.draw(x.shape[0], strengths, p, generator)
     xf = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
-    return _like(_color_jitter_(xf, (brightness, contrast, saturation, hue), p, generator), x)
+    return _like(_color_jitter_(xf, params, strengths), x)
 
 
 # ---------------------------------------------------------------- SimCLR
@@ -419,22 +436,26 @@ def simclr_views(
     jitter_p: float = 0.8,
     gray_p: float = 0.2,
     flip_p: float = 0.5,
-) -> tuple[Tensor, Tensor]:
-    """Two independently augmented, normalised views (SimCLR CIFAR recipe; no blur at 32 px).
+) -> Tensor:
+    """Two independently augmented, normalised views of each image (SimCLR CIFAR recipe; no blur at
+    32 px), as one [2B,3,S,S] batch: rows 0..B-1 the first view of each image, then the second.
 
-    The same draws and results as random_resized_crop, color_jitter, random_grayscale and normalize
-    in turn, but each view is made in its own fresh buffers, in place (and the images are
-    transposed once for both views): fresh full-size buffers cost more than the arithmetic on CPU.
+    Bit for bit what random_resized_crop (+ flip), color_jitter, random_grayscale and normalize
+    give, called in turn for one view and then the other with the same generator (tested). Faster:
+    both views' parameters are drawn first, then each op runs once over all 2B rows, in place, with
+    the images transposed once (per-op dispatch and fresh buffers are what cost on CPU here).
     """
     size = size or x.shape[-1]
     b, _, h, w = x.shape
-    x_t = _as_float(x).transpose(2, 3).contiguous()  # the column pass of both views reads rows of this
+    crops, jitters, grays = [], [], []
+    for _ in range(2):  # the public ops' draw order, view by view
+        crops.append(resized_crop_params(b, h, w, crop_scale, crop_ratio, flip_p, generator))
+        jitters.append(JitterParams.draw(b, jitter, jitter_p, generator))
+        grays.append(_rand(b, generator) < gray_p)
+    crop = ResizedCropParams(*(torch.cat([getattr(c, f.name) for c in crops]) for f in fields(ResizedCropParams)))
+    x_t = _as_float(x).transpose(2, 3).contiguous()  # the column pass reads rows of this
+    v = _crop_resize(x_t, crop, size, source=torch.arange(b).repeat(2))
+    v = _color_jitter_(v, JitterParams.cat(jitters), jitter)
+    v = _grayscale_rows_(v, torch.cat(grays).nonzero().squeeze(1))
     scale, _, shift = _normalizer(tuple(mean), tuple(std), x.device)
-
-    def view() -> Tensor:
-        v = _crop_resize(x_t, resized_crop_params(b, h, w, crop_scale, crop_ratio, flip_p, generator), size)
-        v = _color_jitter_(v, jitter, jitter_p, generator)
-        v = _grayscale_rows_(v, (_rand(b, generator) < gray_p).nonzero().squeeze(1))
-        return v.mul_(scale).sub_(shift)
-
-    return view(), view()
+    return v.mul_(scale).sub_(shift)

@@ -87,7 +87,8 @@ class SimCLR(Method):
         cfg = self.recipe.ssl
         return SimCLRNet(backbone, ProjectionHead(backbone.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim))
 
-    def views(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def views(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """[2B,...]: the first view of every image, then the second."""
         cfg = self.recipe.ssl
         return aug.simclr_views(images, generator, mean=self.data.mean, std=self.data.std, crop_scale=cfg.crop_scale,
                                 jitter=cfg.jitter, jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, flip_p=cfg.flip_p)
@@ -96,8 +97,7 @@ class SimCLR(Method):
                          gather: bool = True) -> tuple[Tensor, Tensor]:
         """(NT-Xent, fraction of rows whose positive is the most similar key) for one batch;
         under torchrun the negatives span every rank's share of the batch unless gather=False."""
-        v1, v2 = self.views(images, generator)
-        z1, z2 = self.model(torch.cat([v1, v2])).chunk(2)  # one pass: BN sees both views
+        z1, z2 = self.model(self.views(images, generator)).chunk(2)  # one pass: BN sees both views
         loss, logits, positive = nt_xent(z1, z2, self.recipe.ssl.temperature, gather)
         return loss, (logits.argmax(dim=1) == positive).float().mean()
 
