@@ -9,7 +9,9 @@ uint8 data (50,000 images), measured as source images per second:
 - hsakd: the same, then the 4 rotations stacked per image (HSAKD's training loop does this on
   the loaded batch with torch.rot90); ours: `augment.rotate4` on the augmented batch;
 - simclr: two views of RandomResizedCrop(32) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 +
-  RandomGrayscale(0.2) + ToTensor + Normalize (the common SimCLR CIFAR pipeline).
+  RandomGrayscale(0.2) + ToTensor + Normalize (the common SimCLR CIFAR pipeline); the reference
+  yields the two view batches as a list, ours one [2B] batch ready for the model (the reference's
+  `torch.cat` of the two, which SimCLR training loops then do, is not timed).
 
 Reference: torchvision.transforms on PIL images in a DataLoader with num_workers = CPU count; each
 block starts a fresh iterator, takes the batches prefetched during start-up untimed, then times
