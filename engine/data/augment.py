@@ -323,11 +323,12 @@ def _shift_hue_(x: Tensor, shift: Tensor) -> Tensor:
     A hue rotation keeps V = max and C = max - min, so HSV->RGB reduces to a closed form:
     c_n = min + C * clamp(tri(6h' + n - 2) - 1, 0, 1), n = 5, 3, 1 for R, G, B, where tri is the
     distance to the nearest multiple of 6 (periodic, so no `mod`). The hue before the shift, in
-    sextants, is 2i + (x[i+1] - x[i+2]) / C for a channel i holding the max; where two channels tie,
-    their values agree mod 6 except red/blue (-1 vs 5), so the largest of 2 + that over the max
-    channels picks one consistently, without torchvision's branches. Non-max channels are pushed
-    below by 8 * sign(max - x) (float ops: a bool mask costs 5x more on CPU). About 20 tensor ops,
-    most over all three channels at once: the per-op dispatch is what costs at these sizes.
+    sextants, is 2i + (x[i+1] - x[i+2]) / C for a channel i holding the max. Where channels tie for
+    the max their values are equal mod 6 (red/blue: -1 and 5) and the closed form is 6-periodic, so
+    any max channel will do: the largest of 2 + that over the max channels, with no branches as in
+    torchvision. Non-max channels are pushed below by 8 * sign(max - x) (float ops: a bool mask
+    costs 5x more on CPU). About 20 tensor ops, most over all three channels at once: per-op
+    dispatch is what costs at these sizes.
     """
     k = x.shape[0]
     maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
