@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -282,23 +283,17 @@ def grayscale(x: Tensor) -> Tensor:
 
 
 def _grayscale_rows_(x: Tensor, rows: Tensor) -> Tensor:
-    """Replace RGB by its luma on all three channels of x[rows] (float x, in place)."""
+    """Replace RGB by its luma on all three channels of x[rows], in place (uint8: luma rounded)."""
     if rows.numel():
         rows = _on(rows, x.device)
-        x.index_copy_(0, rows, grayscale(x.index_select(0, rows)).expand(-1, 3, -1, -1))
+        gray = _like(grayscale(_as_float(x.index_select(0, rows))), x)
+        x.index_copy_(0, rows, gray.expand(-1, 3, -1, -1))
     return x
 
 
 def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """With probability p per sample, replace RGB by its luma on all three channels."""
-    rows = (_rand(x.shape[0], generator) < p).nonzero().squeeze(1)
-    if x.dtype != torch.uint8:
-        return _grayscale_rows_(x.clone(), rows)
-    out = x.clone()
-    if rows.numel():
-        rows = _on(rows, x.device)
-        out.index_copy_(0, rows, _like(grayscale(_as_float(x.index_select(0, rows))), x).expand(-1, 3, -1, -1))
-    return out
+    return _grayscale_rows_(x.clone(), (_rand(x.shape[0], generator) < p).nonzero().squeeze(1))
 
 
 def _brightness_(x: Tensor, f: Tensor) -> Tensor:
@@ -372,9 +367,7 @@ class JitterParams:
         factors = torch.stack([_uniform(b, lo, hi, generator) for lo, hi in ranges], 1)
         return cls(apply, factors, torch.rand((b, 4), generator=generator).argsort(1))
 
-    @staticmethod
-    def cat(parts: Sequence[JitterParams]) -> JitterParams:
-        return JitterParams(*(torch.cat([getattr(q, f) for q in parts]) for f in ("apply", "factors", "order")))
+
 
 
 def _color_jitter_(x: Tensor, params: JitterParams, strengths: Sequence[float]) -> Tensor:
@@ -424,6 +417,11 @@ def color_jitter(
 
 # ---------------------------------------------------------------- SimCLR
 
+def _cat_params(parts: list[Any]) -> Any:
+    """Per-sample parameter dataclasses of several batches as one, field by field."""
+    return type(parts[0])(*(torch.cat([getattr(q, f.name) for q in parts]) for f in fields(parts[0])))
+
+
 def simclr_views(
     x: Tensor,
     generator: torch.Generator | None = None,
@@ -453,10 +451,10 @@ def simclr_views(
         crops.append(resized_crop_params(b, h, w, crop_scale, crop_ratio, flip_p, generator))
         jitters.append(JitterParams.draw(b, jitter, jitter_p, generator))
         grays.append(_rand(b, generator) < gray_p)
-    crop = ResizedCropParams(*(torch.cat([getattr(c, f.name) for c in crops]) for f in fields(ResizedCropParams)))
+    crop = _cat_params(crops)
     x_t = _as_float(x).transpose(2, 3).contiguous()  # the column pass reads rows of this
     v = _crop_resize(x_t, crop, size, source=torch.arange(b).repeat(2))
-    v = _color_jitter_(v, JitterParams.cat(jitters), jitter)
+    v = _color_jitter_(v, _cat_params(jitters), jitter)
     v = _grayscale_rows_(v, torch.cat(grays).nonzero().squeeze(1))
     scale, _, shift = _normalizer(tuple(mean), tuple(std), x.device)
     return v.mul_(scale).sub_(shift)
