@@ -53,14 +53,14 @@ class Dist:
         return self.rank == 0
 
     # ---------------------------------------------------------------- batches
-    def shard(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, float]:
+    def shard(self, images: Tensor, labels: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
         """This rank's contiguous rows of a global batch, and the loss weight n_local / n_global."""
         if not self.enabled:
-            return images, labels, 1.0
+            return images, labels, indices, 1.0
         n = len(labels)
         rows = torch.arange(n).tensor_split(self.world_size)[self.rank]
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-        return images[lo:hi], labels[lo:hi], (hi - lo) / n
+        return images[lo:hi], labels[lo:hi], indices[lo:hi], (hi - lo) / n
 
     def needs_drop_last(self, n: int, batch_size: int) -> bool:
         """A trailing batch smaller than the world would leave a rank with no rows: drop it."""

@@ -14,7 +14,7 @@ from engine.data import DataBundle, build_data
 from engine.data import augment as aug
 from engine.errors import CheckpointError
 from engine.methods.base import topk_correct
-from engine.recipe import SSL_METHODS
+from engine.recipe_ssl import SSL_METHODS
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -21,6 +21,7 @@ from engine.checkpoint import load_checkpoint
 from engine.data import DataBundle
 from engine.errors import CheckpointError
 from engine.models import build_model, is_auxiliary, model_names
+from engine.models.base import Features
 
 
 def check_compatible(state: dict[str, Any], path: str | Path, data: DataBundle, role: str = "teacher") -> None:
@@ -68,6 +69,13 @@ class Teacher:
         with torch.inference_mode():
             out = (self.model.backbone if self.auxiliary else self.model)(x)
         return out.clone()  # inference tensors cannot be saved for backward; a loss may need to
+
+    def features(self, x: Tensor, preact: bool = False) -> Features:
+        """Every intermediate map of the plain network (an `_aux` teacher's backbone). Under no_grad
+        rather than inference_mode: the maps enter the student's loss graph as constants, uncloned."""
+        self.model.eval()
+        with torch.no_grad():
+            return (self.model.backbone if self.auxiliary else self.model)(x, features=True, preact=preact)
 
     def logits_and_aux(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(main logits, [branch joint logits]) of an `_aux` teacher."""

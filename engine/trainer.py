@@ -28,11 +28,11 @@ from engine import distributed
 from engine.checkpoint import DiskFullError, load_checkpoint, remove_stale_temps, save_checkpoint
 from engine.data import build_data
 from engine.heap import keep_freed_heap
-from engine.methods.base import Method, topk_correct
+from engine.methods.base import Method, Phase, topk_correct
 from engine.methods.registry import method_class
 from engine.metrics import MetricsLog
 from engine.optim import build_optimizer, build_scheduler
-from engine.recipe import Recipe, load_recipe
+from engine.recipe import Recipe, ScheduleSection, load_recipe
 from engine.rundir import RunDir
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -49,6 +49,20 @@ class Progress:
     batch_in_epoch: int = 0  # steps into an unfinished epoch (after Ctrl-C / SIGTERM)
     best_value: float | None = None
     best: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PhaseRun:
+    """A phase as the trainer runs it: epochs [start, end) of the run, with its own optimizer.
+    Every run ends with the main phase "train" (train.epochs, the recipe's optimizer and schedule);
+    a method's pre_phases() come first, each at a constant learning rate and without evaluation."""
+
+    name: str
+    start: int
+    end: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    evaluate: bool
 
 
 def epoch_generators(seed: int, epoch: int, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
@@ -110,28 +124,55 @@ class Trainer:
         distributed.prepare_modules(self.dist, self.method.modules_to_save(), r.train.seed, r.train.sync_bn,
                                     self.device)
         apply_speed_switches(self.method, r)
-        self.optimizer = build_optimizer(r.optim, self.method.parameter_groups())
         self.drop_last = self.method.drop_last or self.dist.needs_drop_last(len(self.data.train), r.data.batch_size)
         batches = self.data.train.num_batches(r.data.batch_size, self.drop_last)
         self.steps_per_epoch = min(batches, r.train.max_steps_per_epoch or batches)
-        self.scheduler = build_scheduler(r.schedule, self.optimizer, r.optim.lr, r.train.epochs, self.steps_per_epoch)
+        self.phases = self._plan_phases(self.method.pre_phases())
+        self.epochs = self.phases[-1].end  # pre-phases + train.epochs
+        self.phase = self.phases[0]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.train.precision == "fp16")
         self.progress = Progress()
         self.aug_state: torch.Tensor | None = None
         if resume:
             self._restore(load_checkpoint(run.checkpoints / "last.pt"))
+        self.phase = self._phase_at(self.progress.epoch)
         if self.dist.is_main:  # a process killed mid-write leaves a partial temp checkpoint behind
             remove_stale_temps(run.checkpoints)
         self.metrics = (MetricsLog(run, resume_step=self.progress.step if resume else None) if self.dist.is_main
                         else distributed.NullMetrics())  # only rank 0 writes to the run directory
         self.stop_requested = self.signalled = False
 
+    def _plan_phases(self, pre_phases: list[Phase]) -> list[PhaseRun]:
+        r, plan, start = self.recipe, [], 0
+        for phase in pre_phases:
+            cfg = r.optim.model_copy(update={"lr": phase.lr or r.optim.lr})
+            optimizer = build_optimizer(cfg, phase.parameters)
+            scheduler = build_scheduler(ScheduleSection(name="constant"), optimizer, cfg.lr, phase.epochs,
+                                        self.steps_per_epoch)
+            plan.append(PhaseRun(phase.name, start, start + phase.epochs, optimizer, scheduler, evaluate=False))
+            start += phase.epochs
+        optimizer = build_optimizer(r.optim, self.method.parameter_groups())
+        scheduler = build_scheduler(r.schedule, optimizer, r.optim.lr, r.train.epochs, self.steps_per_epoch)
+        plan.append(PhaseRun("train", start, start + r.train.epochs, optimizer, scheduler, evaluate=r.train.evaluate))
+        return plan
+
+    def _phase_at(self, epoch: int) -> PhaseRun:
+        return next((p for p in self.phases if epoch < p.end), self.phases[-1])
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.phase.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        return self.phase.scheduler
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> int:
         r, info = self.recipe, self.run.read_info()
         self._info(
             status="running", pid=os.getpid(), host=socket.gethostname(), started=info.get("started") or time.time(),
-            ended=None, error=None, epochs=r.train.epochs, steps_per_epoch=self.steps_per_epoch,
+            ended=None, error=None, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             method=r.run.method, arch=r.model.arch, dataset=r.data.dataset, device=info.get("device") or r.train.device,
             train_images=len(self.data.train), processes=self.dist.world_size,
             batches_per_epoch=self.data.train.num_batches(r.data.batch_size, self.drop_last),
@@ -140,16 +181,17 @@ class Trainer:
         self._log_graph_once()
         if self.dist.is_main:
             print(f"kdtui: {r.run.method} {r.model.arch} on {r.data.dataset} ({len(self.data.train)} train images), "
-                  f"{r.train.epochs} epochs x {self.steps_per_epoch} steps, device {self.device}", flush=True)
+                  f"{self.epochs} epochs x {self.steps_per_epoch} steps, device {self.device}", flush=True)
         crashed = False
         try:
-            for epoch in range(self.progress.epoch, r.train.epochs):
+            for epoch in range(self.progress.epoch, self.epochs):
+                self.phase = self._phase_at(epoch)
                 self._train_epoch(epoch)
                 self.dist.sync_modules(self.method.modules_to_save().values(), buffers_only=True)  # rank 0's BN stats
                 if self.stop_requested:
                     return self._finish("interrupted", save=True)
-                due = (epoch + 1) % r.train.eval_every == 0 or epoch + 1 == r.train.epochs
-                evals = self._evaluate(epoch + 1) if due and r.train.evaluate else {}
+                due = (epoch + 1) % r.train.eval_every == 0 or epoch + 1 == self.epochs
+                evals = self._evaluate(epoch + 1) if due and self.phase.evaluate else {}
                 self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
                 self._end_of_epoch_checkpoints(evals)
                 self._info(epoch=self.progress.epoch, step=self.progress.step, best=self.progress.best,
@@ -179,7 +221,9 @@ class Trainer:
             aug_gen.set_state(self.aug_state)
             self.aug_state = None
         self.aug_gen = aug_gen
+        method.phase, method.epoch = self.phase.name, epoch + 1 - self.phase.start
         method.train_mode()
+        phase = {"phase": self.phase.name} if len(self.phases) > 1 else {}  # events say which phase
         batches = self.data.train.batches(r.data.batch_size, shuffle=True, drop_last=self.drop_last,
                                           generator=order_gen, device=self.device)
         batches = islice(batches, self.progress.batch_in_epoch, self.steps_per_epoch)
@@ -187,9 +231,9 @@ class Trainer:
         window = {"images": 0, "start": time.perf_counter(), "losses": []}
         epoch_sums: dict[str, torch.Tensor] = {}
         epoch_images = 0
-        for images, labels, _ in batches:
-            images, labels, weight = self.dist.shard(images, labels)  # this rank's rows of the global batch
-            out = self._step(images, labels, aug_gen, weight)
+        for images, labels, indices in batches:
+            images, labels, indices, weight = self.dist.shard(images, labels, indices)  # this rank's rows
+            out = self._step(images, labels, indices, aug_gen, weight)
             self.progress.step += 1
             self.progress.batch_in_epoch += 1
             window["images"] += len(labels)
@@ -205,7 +249,7 @@ class Trainer:
                     window["images"] = int(sums.pop("\0images"))
                 self._check_finite(window["losses"], epoch)
                 elapsed = max(time.perf_counter() - window["start"], 1e-9)
-                self.metrics.log("train", epoch + 1, self.progress.step, kind="step",
+                self.metrics.log("train", epoch + 1, self.progress.step, kind="step", **phase,
                                  lr=self.optimizer.param_groups[0]["lr"], images_per_s=window["images"] / elapsed,
                                  **{k: float(v) / window["images"] for k, v in sums.items()})
                 sums, window = {}, {"images": 0, "start": time.perf_counter(), "losses": []}
@@ -216,15 +260,15 @@ class Trainer:
             epoch_sums = self.dist.sum_values({**epoch_sums, "\0images": epoch_images})
             epoch_images = int(epoch_sums.pop("\0images"))
         if epoch_images and not self.stop_requested:
-            self.metrics.log("train", epoch + 1, self.progress.step, kind="epoch",
+            self.metrics.log("train", epoch + 1, self.progress.step, kind="epoch", **phase,
                              lr=self.optimizer.param_groups[0]["lr"],
                              **{k: float(v) / epoch_images for k, v in epoch_sums.items()})
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
               weight: float = 1.0) -> dict[str, torch.Tensor]:
         r = self.recipe
         with self._autocast():
-            out = self.method.train_step(images, labels, generator)
+            out = self.method.train_step(images, labels, generator, indices=indices)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"] if weight == 1.0 else out["loss"] * weight).backward()
         # torchrun: sum the weighted gradients over ranks, and agree on stopping at this step
@@ -273,7 +317,7 @@ class Trainer:
         self.metrics.flush()
         shown = "  ".join(f"{s}.{k}={v:.4f}" for s, m in evals.items() for k, v in m.items() if k in ("loss", "top1"))
         if self.dist.is_main:
-            print(f"epoch {epoch}/{self.recipe.train.epochs} step {self.progress.step}  {shown}", flush=True)
+            print(f"epoch {epoch}/{self.epochs} step {self.progress.step}  {shown}", flush=True)
         return evals
 
     def _end_of_epoch_checkpoints(self, evals: dict[str, dict[str, float]]) -> None:
@@ -315,8 +359,10 @@ class Trainer:
             "class_names": list(self.data.class_names),
             "method": r.run.method,
             "recipe": r.to_toml(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.phases[-1].optimizer.state_dict(),  # the main phase's
+            "scheduler": self.phases[-1].scheduler.state_dict(),
+            "pre_phases": {p.name: {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict()}
+                           for p in self.phases[:-1]},
             "scaler": self.scaler.state_dict(),
             "progress": asdict(self.progress),
             "rng": {
@@ -334,8 +380,13 @@ class Trainer:
         for name, module in self.method.modules_to_save().items():
             module.load_state_dict(state["modules"][name])
         self.method.load_extra_state(state.get("extra", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.phases[-1].optimizer.load_state_dict(state["optimizer"])
+        self.phases[-1].scheduler.load_state_dict(state["scheduler"])
+        for phase in self.phases[:-1]:
+            saved = state.get("pre_phases", {}).get(phase.name)
+            if saved is not None:
+                phase.optimizer.load_state_dict(saved["optimizer"])
+                phase.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         rng = state["rng"]

@@ -8,6 +8,7 @@ is evaluated. Nothing method-specific lives in the trainer.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,25 @@ StepOutput = dict[str, Tensor]
 any other scalar entries (e.g. `loss_kd`) are averaged and logged under their names."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training before the main one, with an optimizer of its own over its own
+    parameters at a constant learning rate (RepDistiller's initialisation stage of ab, ft and
+    fsp; FitNet's hint stage). The trainer runs its epochs first, logs them with `phase` = name,
+    evaluates nothing, and keeps its optimizer state in the checkpoints for an exact resume."""
+
+    name: str
+    epochs: int
+    parameters: list[Any]  # parameters or param-group dicts, as parameter_groups() returns
+    lr: float | None = None  # None: optim.lr
+
+
 class Method:
     """Base class: a supervised classifier on `self.model` with the standard augmentation."""
 
     drop_last = False  # contrastive methods need full batches
+    phase = "train"  # set by the trainer before each epoch: a name from pre_phases(), or "train"
+    epoch = 1  # set by the trainer before each epoch: 1-based, counted within the current phase
 
     def __init__(self, recipe: Recipe, data: DataBundle, device: torch.device) -> None:
         self.recipe, self.data, self.device = recipe, data, device
@@ -57,6 +73,10 @@ class Method:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         del state
 
+    def pre_phases(self) -> list[Phase]:
+        """Phases to run before the main `train.epochs` (none by default)."""
+        return []
+
     # ---- training -----------------------------------------------------------
     def train_mode(self) -> None:
         """Called at the start of every epoch. Frozen parts override this to stay in eval()."""
@@ -68,7 +88,11 @@ class Method:
             images = aug.random_crop_flip(images, pad=self.recipe.data.crop_padding, generator=generator)
         return aug.normalize(images, self.data.mean, self.data.std)
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
+        """One batch -> loss. `indices` are the rows' positions in the training split (the trainer
+        always passes them; CRD's memory bank needs them); None only in direct calls from tests."""
+        del indices
         logits = self.model(self.augment(images, generator))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.recipe.train.label_smoothing)
         return {"loss": loss, "logits": logits.detach(), "labels": labels}

@@ -110,7 +110,8 @@ class StudentMethod(Method):
         del branches, t_branches
         return self.head_loss(main, labels, t_main)
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
         x = self.augment(images, generator)
         if self.rotations:
             x = aug.rotate4(x)

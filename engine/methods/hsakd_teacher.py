@@ -61,7 +61,8 @@ class HSAKDTeacher(Method):
         if self.frozen:
             self.model.backbone.eval()  # BN running statistics of the pretrained backbone stay put
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
         x = aug.rotate4(self.augment(images, generator))
         main, aux = self.model(x, detach_features=self.frozen)
         out: StepOutput = hsakd_teacher_loss(main, aux, labels, self.recipe.train.label_smoothing)

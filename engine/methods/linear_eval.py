@@ -24,34 +24,18 @@ from engine.recipe import Recipe
 
 
 class FeatureCache:
-    """Backbone features of every image of a split, computed once, looked up by image content.
-
-    The trainer hands `train_step` a batch of images, not their indices, so each image is keyed
-    by a 64-bit random linear hash of its pixels (integer overflow wraps, identically on every
-    device); identical images share identical features, so a shared key is harmless.
-    """
+    """Backbone features of every image of a split, computed once in the split's order and
+    looked up by the batch's row indices (which the trainer passes to train_step)."""
 
     def __init__(self, encoder: Callable[[Tensor], Tensor], split: Split, batch_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
-        numel = 3 * split.image_size * split.image_size
-        self.weights = torch.randint(-(2**62), 2**62, (numel,), generator=torch.Generator().manual_seed(0)).to(device)
-        keys, feats = [], []
         with torch.no_grad():
-            for images, _, _ in split.batches(batch_size, shuffle=False, drop_last=False, device=device):
-                keys.append(self.key(images))
-                feats.append(encoder(aug.normalize(images, mean, std)).float())
-        self.keys, order = torch.cat(keys).sort()
-        self.features = torch.cat(feats)[order]
+            self.features = torch.cat([
+                encoder(aug.normalize(images, mean, std)).float()
+                for images, _, _ in split.batches(batch_size, shuffle=False, drop_last=False, device=device)])
 
-    def key(self, images: Tensor) -> Tensor:
-        return (images.reshape(len(images), -1).long() * self.weights).sum(dim=1)
-
-    def lookup(self, images: Tensor) -> Tensor:
-        keys = self.key(images)
-        pos = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
-        if not torch.equal(self.keys[pos], keys):
-            raise RuntimeError("linear_eval.precompute: a training image is missing from the feature cache")
-        return self.features[pos]
+    def lookup(self, indices: Tensor) -> Tensor:
+        return self.features.index_select(0, indices.to(self.features.device))
 
 
 class LinearEval(Method):
@@ -106,14 +90,17 @@ class LinearEval(Method):
         self.model.eval()  # never train(): batch-norm statistics must not move
         self.head.train()
 
-    def features(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def features(self, images: Tensor, generator: torch.Generator, indices: Tensor | None) -> Tensor:
         with torch.no_grad():
             if self.cache is not None:
-                return self.cache.lookup(images)
+                if indices is None:
+                    raise ValueError("linear_eval.precompute: train_step needs the batch's row indices")
+                return self.cache.lookup(indices)
             return self.model.forward_features(self.augment(images, generator)).float()
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
-        logits = self.head(self.features(images, generator))
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
+        logits = self.head(self.features(images, generator, indices))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.recipe.train.label_smoothing)
         return {"loss": loss, "logits": logits.detach(), "labels": labels}
 

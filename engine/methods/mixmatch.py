@@ -96,7 +96,8 @@ class MixMatch(Method):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
         """The trainer's batch is the clock only: its size (this rank's share under torchrun) is
         how many labelled and unlabelled images to draw; its images and labels are not used."""
         del images

@@ -37,7 +37,8 @@ class RotNet(Method):
         rotated = aug.rotate4(images)
         return self.model(rotated), aug.rotation_labels(len(images), NUM_ROTATIONS, device=rotated.device)
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
         logits, rotations = self.rotation_logits(self.augment(images, generator))
         loss = F.cross_entropy(logits, rotations)
         return {"loss": loss, "rot_top1": (logits.detach().argmax(dim=1) == rotations).float().mean()}

@@ -101,7 +101,8 @@ class SimCLR(Method):
         loss, logits, positive = nt_xent(z1, z2, self.recipe.ssl.temperature, gather)
         return loss, (logits.argmax(dim=1) == positive).float().mean()
 
-    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> StepOutput:
+    def train_step(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                   indices: Tensor | None = None) -> StepOutput:
         loss, pos_top1 = self.contrastive_loss(images, generator)
         return {"loss": loss, "pos_top1": pos_top1}
 

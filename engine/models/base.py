@@ -1,12 +1,19 @@
 """The feature interface every plain model in the zoo implements.
 
-SSL, linear evaluation and the HSAKD branches need more than logits, so each model
-exposes the same four things regardless of family:
+SSL, linear evaluation, the HSAKD branches and the feature-distillation methods need more than
+logits, so each model exposes the same things regardless of family:
 
-    stage_features(x) -> [stage1, stage2, stage3, ..., final map]   (shallow to deep)
+    model(x)                          -> logits
+    model(x, features=True)           -> Features(stem, stages, pooled, logits, final)
+    model(x, features=True, preact=True) also fills Features.preact
+    stage_features(x) -> [stage1, stage2, stage3, final map]   (what HSAKD's branches read)
     forward_features(x) -> (B, feature_dim) globally average-pooled final map
     classifier       -> the last nn.Linear
-    forward(x)       == classifier(forward_features(x))
+
+`features=True` goes through `forward`, so forward hooks (channels_last inputs), torch.compile
+and DistributedDataParallel see the call; methods never reach into a model's layers.
+`Features.as_list()` is RepDistiller's `is_feat=True` list, so a method ported from there
+indexes it the same way: [1:-1] the stage maps, [-2] the last map, [-1] the pooled vector.
 
 The final layer keeps the attribute name of its reference implementation (`fc` in
 RepDistiller's ResNet/WRN and torchvision, `linear` in the ShuffleNets) so their published
@@ -16,21 +23,52 @@ checkpoints load with strict=True; `classifier` is then a property pointing at i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@dataclass
+class Features:
+    """One forward pass, opened up: what RepDistiller's `is_feat=True, preact=...` returns, by name.
+
+    `stages` are the outputs of the network's stages as the next stage reads them (f1..fk);
+    `preact` holds the same maps before their last activation where the family has one
+    (RepDistiller's `preact=True` list; None unless asked for); `final` is the map the global
+    pool reads (f_k itself, or f_k after a last BN-ReLU / 1x1 conv).
+    """
+
+    stem: Tensor  # f0: the stem's output
+    stages: list[Tensor]  # f1..fk
+    pooled: Tensor  # (B, feature_dim): the classifier's input
+    logits: Tensor
+    final: Tensor
+    preact: list[Tensor] | None = None
+
+    def as_list(self, preact: bool = False) -> list[Tensor]:
+        """[f0, f1, ..., fk, pooled] in RepDistiller's order; pre-activation stage maps if asked."""
+        if preact and self.preact is None:
+            raise ValueError("pre-activation maps were not computed; call model(x, features=True, preact=True)")
+        return [self.stem, *(self.preact if preact else self.stages), self.pooled]
+
+
 class ImageClassifier(nn.Module):
-    """Base class: subclasses define `stage_features`, `feature_dim` and a `classifier`."""
+    """Base class: subclasses define `compute_features` (or, not yet converted, `stage_features`),
+    `feature_dim` and a `classifier`."""
 
     feature_dim: int
     classifier: nn.Linear
 
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        """The whole forward pass with every intermediate map kept (see Features)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its features yet")
+
     def stage_features(self, x: Tensor) -> list[Tensor]:
-        """Intermediate maps, shallow to deep; the last one is what gets pooled."""
-        raise NotImplementedError
+        """[stage1, stage2, stage3, final map], shallow to deep; the last one is what gets pooled."""
+        f = self.compute_features(x)
+        return [*f.stages[:3], f.final]
 
     @staticmethod
     def global_pool(fmap: Tensor) -> Tensor:
@@ -40,7 +78,9 @@ class ImageClassifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.global_pool(self.stage_features(x)[-1])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, features: bool = False, preact: bool = False) -> Tensor | Features:
+        if features:
+            return self.compute_features(x, preact)
         return self.classifier(self.forward_features(x))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier, init_he_fan_out
+from engine.models.base import Features, ImageClassifier, init_he_fan_out
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -34,11 +34,23 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(planes),
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual_sum(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU (RepDistiller's `preact`)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return out + shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.residual_sum(x))
+
+
+def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(stage output, the same before its last block's final ReLU)."""
+    for block in stage[:-1]:
+        x = block(x)
+    pre = stage[-1].residual_sum(x)
+    return F.relu(pre), pre
 
 
 def make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -71,12 +83,14 @@ class CifarResNet(ImageClassifier):
     def classifier(self) -> nn.Linear:
         return self.fc
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(x)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f1, f2, f3, f3]  # the last stage's output is pooled as is
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        stem = self.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage(self.layer1, stem)
+        f2, p2 = run_stage(self.layer2, f1)
+        f3, p3 = run_stage(self.layer3, f2)
+        pooled = self.global_pool(f3)  # the last stage's output is pooled as is
+        return Features(stem, [f1, f2, f3], pooled, self.fc(pooled), final=f3,
+                        preact=[p1, p2, p3] if preact else None)
 
 
 _THIN = (16, 16, 32, 64)
