@@ -144,9 +144,8 @@ def check_distill(recipe: Recipe) -> None:
     if method == "supervised_aux" and recipe.distill.aux_stage is None:
         raise ValueError("distill.aux_stage: method supervised_aux needs the stage that feeds the auxiliary "
                          "classifier, e.g. aux_stage = 2")
-    zoo_only = ("kd_weight", "feature_weight", "init_epochs", "init_lr")
-    for key in zoo_only:
-        if key in recipe.distill.model_fields_set and method not in ZOO_METHODS:
+    for key in ("kd_weight", "feature_weight", "init_epochs", "init_lr"):  # resolved recipes list every key
+        if getattr(recipe.distill, key) != DistillSection.model_fields[key].default and method not in ZOO_METHODS:
             raise ValueError(f"distill.{key}: only the distillation zoo's methods use it ({', '.join(ZOO_METHODS)}), "
                              f"got method {method}")
     if recipe.distill.aux_stage is not None and method not in DEEP_SUPERVISION_METHODS:

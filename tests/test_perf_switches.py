@@ -49,10 +49,10 @@ def trainer(tmp_path: Path, train: str = "", method: str = "supervised", arch: s
 
 
 def one_step(t: Trainer) -> dict[str, torch.Tensor]:
-    images, labels, _ = next(t.data.train.batches(16, shuffle=False, drop_last=False, device="cpu"))
+    images, labels, indices = next(t.data.train.batches(16, shuffle=False, drop_last=False, device="cpu"))
     t.aug_gen = torch.Generator().manual_seed(0)
     t.method.train_mode()
-    return t._step(images, labels, t.aug_gen)
+    return t._step(images, labels, indices, t.aug_gen)
 
 
 def assert_loads_into_plain_model(t: Trainer, arch: str = "resnet8") -> None:

@@ -33,6 +33,14 @@ METHODS: dict[str, str] = {
     "linear_eval": "engine.methods.linear_eval:LinearEval",
     "finetune": "engine.methods.finetune:FineTune",
     "mixmatch": "engine.methods.mixmatch:MixMatch",
+    # the self- and semi-supervised zoo (issue 14)
+    "byol": "engine.methods.byol:BYOL",
+    "simsiam": "engine.methods.simsiam:SimSiam",
+    "moco": "engine.methods.moco:MoCo",
+    "barlow_twins": "engine.methods.barlow_twins:BarlowTwins",
+    "vicreg": "engine.methods.vicreg:VICReg",
+    "dino": "engine.methods.dino:DINO",
+    "fixmatch": "engine.methods.fixmatch:FixMatch",
 }
 
 
