@@ -102,6 +102,15 @@ def test_sweep_expands_cartesian_product(tmp_path: Path) -> None:
     assert len({r.run.name for _, r in points}) == 6 and all(not r.sweep for _, r in points)
 
 
+def test_override_of_a_swept_key_pins_it(tmp_path: Path) -> None:
+    sweep = "[sweep]\n'optim.lr' = [0.1, 0.2]\n'data.batch_size' = [16, 32]\n"
+    path = write_recipe(tmp_path, TINY_RECIPE + sweep)
+    points = expand_sweep(load_recipe(path, ["optim.lr=0.3"]))
+    assert sorted((r.optim.lr, r.data.batch_size) for _, r in points) == [(0.3, 16), (0.3, 32)]
+    assert expand_sweep(load_recipe(path, ["optim.lr=0.3", "data.batch_size=8"]))[0][0] == {}
+    assert len(expand_sweep(load_recipe(path, ["optim.momentum=0.5"]))) == 4  # other keys leave the sweep alone
+
+
 def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, TINY_RECIPE), ["optim.lr=0.3"])
     again = load_recipe(write_recipe(tmp_path, recipe.to_toml(), "resolved.toml"))

@@ -21,8 +21,9 @@ __all__ = ["MODELS", "build_model", "count_parameters", "is_auxiliary", "model_n
 def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """A freshly initialised `arch` with a `num_classes`-way classifier.
 
-    Plain models implement `engine.models.base.ImageClassifier` (forward_features, feature_dim,
-    classifier, stage_features); `*_aux` models return `(logits, [aux1, aux2, aux3])`.
+    Plain models implement `engine.models.base.ImageClassifier` (`model(x, features=True)`,
+    forward_features, feature_dim, classifier, stage_features); `*_aux` models return
+    `(logits, [aux1, aux2, aux3])`, and their backbone's Features with `features=True`.
     Extra keyword options (e.g. `pretrained` for resnet18_imagenet) go to the factory.
     """
     if arch not in MODELS:

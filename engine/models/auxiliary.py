@@ -21,7 +21,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from engine.models import resnet, wrn
-from engine.models.base import ImageClassifier, init_he_fan_out
+from engine.models.base import Features, ImageClassifier, init_he_fan_out
 
 
 class AuxiliaryClassifier(nn.Module):
@@ -50,20 +50,28 @@ class AuxiliaryClassifier(nn.Module):
 
 
 class AuxiliaryModel(nn.Module):
-    """backbone + branches. forward(x) -> (main logits (B, C), [aux logits (B, 4C)] * 3)."""
+    """backbone + branches. forward(x) -> (main logits (B, C), [aux logits (B, 4C)] * 3);
+    forward(x, features=True, preact=...) -> the backbone's Features (no branches run)."""
 
     def __init__(self, backbone: ImageClassifier, auxiliary_classifier: AuxiliaryClassifier) -> None:
         super().__init__()
         self.backbone = backbone
         self.auxiliary_classifier = auxiliary_classifier
 
-    def forward(self, x: Tensor, detach_features: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, detach_features: bool = False, features: bool = False, preact: bool = False
+    ) -> tuple[Tensor, list[Tensor]] | Features:
         """`detach_features=True` stops the branches' gradients at the backbone (HSAKD's frozen
-        mode; the reference's default `grad=False`). Training runs pass gradients through."""
-        feats = self.backbone.stage_features(x)
-        logits = self.backbone.classifier(self.backbone.global_pool(feats[-1]))
-        stage_outputs = [f.detach() for f in feats[:3]] if detach_features else feats[:3]
-        return logits, self.auxiliary_classifier(stage_outputs)
+        mode; the reference's default `grad=False`). Training runs pass gradients through.
+        `features=True` is the plain models' feature interface, so a feature-distillation method
+        treats an auxiliary student like its backbone."""
+        if features:
+            return self.backbone(x, features=True, preact=preact)
+        if preact:
+            raise ValueError("preact=True needs features=True")
+        f = self.backbone(x, features=True)
+        stage_outputs = [s.detach() for s in f.stages[:3]] if detach_features else f.stages[:3]
+        return f.logits, self.auxiliary_classifier(stage_outputs)
 
 
 def resnet_auxiliary(backbone: resnet.CifarResNet) -> AuxiliaryClassifier:

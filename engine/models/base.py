@@ -10,10 +10,13 @@ logits, so each model exposes the same things regardless of family:
     forward_features(x) -> (B, feature_dim) globally average-pooled final map
     classifier       -> the last nn.Linear
 
-`features=True` goes through `forward`, so forward hooks (channels_last inputs), torch.compile
-and DistributedDataParallel see the call; methods never reach into a model's layers.
-`Features.as_list()` is RepDistiller's `is_feat=True` list, so a method ported from there
-indexes it the same way: [1:-1] the stage maps, [-2] the last map, [-1] the pooled vector.
+A family implements only `compute_features`; everything above is derived from it here, so the
+plain forward and the feature views can never disagree. `features=True` goes through `forward`,
+so forward hooks (channels_last inputs), torch.compile and DistributedDataParallel see the call;
+methods never reach into a model's layers. `Features.as_list()` is RepDistiller's
+`is_feat=True` list (HobbitLong/RepDistiller, models/*.py `forward(x, is_feat, preact)`), so a
+method ported from there indexes it the same way: [1:-1] the stage maps, [-2] the last map,
+[-1] the pooled vector.
 
 The final layer keeps the attribute name of its reference implementation (`fc` in
 RepDistiller's ResNet/WRN and torchvision, `linear` in the ShuffleNets) so their published
@@ -55,15 +58,17 @@ class Features:
 
 
 class ImageClassifier(nn.Module):
-    """Base class: subclasses define `compute_features` (or, not yet converted, `stage_features`),
-    `feature_dim` and a `classifier`."""
+    """Base class: subclasses define `compute_features`, `feature_dim` and a `classifier`."""
 
     feature_dim: int
     classifier: nn.Linear
 
     def compute_features(self, x: Tensor, preact: bool = False) -> Features:
-        """The whole forward pass with every intermediate map kept (see Features)."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose its features yet")
+        """The whole forward pass with every intermediate map kept (see Features).
+
+        With preact=False it must do exactly the work of a plain forward: it *is* the plain forward.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_features")
 
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """[stage1, stage2, stage3, final map], shallow to deep; the last one is what gets pooled."""
@@ -76,12 +81,28 @@ class ImageClassifier(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.global_pool(self.stage_features(x)[-1])
+        return self.compute_features(x).pooled
 
     def forward(self, x: Tensor, features: bool = False, preact: bool = False) -> Tensor | Features:
-        if features:
-            return self.compute_features(x, preact)
-        return self.classifier(self.forward_features(x))
+        if preact and not features:
+            raise ValueError("preact=True needs features=True (a plain forward returns only logits)")
+        f = self.compute_features(x, preact)
+        return f if features else f.logits
+
+
+def run_stage(stage: nn.Sequential, x: Tensor, preact: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(output of a stage of post-activation blocks, its last block's output before the final ReLU).
+
+    Blocks define `pre_relu(x)` with `forward(x) == relu(pre_relu(x))`. Without `preact` the
+    blocks run as usual (no extra work, and the second value is None); with it the last block
+    runs once, through `pre_relu`, and its ReLU is applied out of place so both maps survive.
+    """
+    if not preact:
+        return stage(x), None
+    for block in stage[:-1]:
+        x = block(x)
+    pre = stage[-1].pre_relu(x)
+    return F.relu(pre), pre
 
 
 def init_he_fan_out(module: nn.Module, zero_linear_bias: bool = True) -> None:

@@ -3,6 +3,11 @@
 Expansion 6, width multiplier 0.5, a stride-2 stem, so a 32 px input ends at 2x2 with 1280
 channels. RepDistiller wraps the final linear in a one-element Sequential (`classifier.0.*`);
 HSAKD does not (`classifier.*`). Both checkpoint layouts load here.
+
+Features as the reference's `forward(x, is_feat=True, preact=...)` (RepDistiller
+models/mobilenetv2.py): f0 the stem's output, f1..f4 the outputs of block groups 1, 2, 4 and 6
+(linear bottlenecks: no ReLU to undo), pooled after the last 1x1 conv. The reference ignores
+`preact`, so the preact list is the same maps.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier, init_he_fan_out
+from engine.models.base import Features, ImageClassifier, init_he_fan_out
 
 
 def conv_bn_relu(inp: int, oup: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -44,6 +49,10 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
+# The block groups whose outputs are RepDistiller's f1..f4.
+_FEATURE_GROUPS = (1, 2, 4, 6)
+
+
 class MobileNetV2(ImageClassifier):
     def __init__(self, num_classes: int = 10, expansion: int = 6, width_mult: float = 0.5) -> None:
         super().__init__()
@@ -74,15 +83,18 @@ class MobileNetV2(ImageClassifier):
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)
         self.register_load_state_dict_pre_hook(_accept_repdistiller_keys)
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
-        """Outputs of block groups 1, 2 and 4 (RepDistiller's f1..f3) and of the last 1x1 conv."""
-        x = self.conv1(x)
-        feats = []
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        stem = x = self.conv1(x)
+        stages = []
         for i, group in enumerate(self.blocks):
             x = group(x)
-            if i in (1, 2, 4):
-                feats.append(x)
-        return [*feats, self.conv2(x)]
+            if i in _FEATURE_GROUPS:
+                stages.append(x)
+        final = self.conv2(x)
+        pooled = self.global_pool(final)
+        return Features(
+            stem, stages, pooled, self.classifier(pooled), final=final, preact=list(stages) if preact else None
+        )
 
 
 def _accept_repdistiller_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:

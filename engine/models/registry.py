@@ -34,6 +34,8 @@ MODELS: dict[str, str] = {
     # ResNet-18: CIFAR stem (SimCLR) and torchvision's ImageNet one
     "resnet18": "engine.models.resnet18:resnet18",
     "resnet18_imagenet": "engine.models.resnet18:resnet18_imagenet",
+    # ResNet-50 with the CIFAR stem (RepDistiller's resnetv2 ResNet50, torchvision key names)
+    "resnet50": "engine.models.resnet50:resnet50",
     # HSAKD auxiliary-branch variants: forward(x) -> (logits, [aux1, aux2, aux3])
     "resnet8_aux": "engine.models.auxiliary:resnet8_aux",
     "resnet14_aux": "engine.models.auxiliary:resnet14_aux",

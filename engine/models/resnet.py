@@ -2,6 +2,8 @@
 
 Three stages of basic blocks at 32, 16 and 8 px. `resnetNx4` variants widen the stages
 to 64/128/256 (stem 32). Module names follow the reference, so its checkpoints load.
+Features as the reference's `forward(x, is_feat=True, preact=...)` (models/resnet.py): f0 the
+stem's ReLU output, f1..f3 the stage outputs; preact = each stage's last block before its ReLU.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.base import Features, ImageClassifier, init_he_fan_out
+from engine.models.base import Features, ImageClassifier, init_he_fan_out, run_stage
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -34,7 +36,7 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(planes),
             )
 
-    def residual_sum(self, x: Tensor) -> Tensor:
+    def pre_relu(self, x: Tensor) -> Tensor:
         """The block's output before its final ReLU (RepDistiller's `preact`)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -42,15 +44,7 @@ class BasicBlock(nn.Module):
         return out + shortcut
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.residual_sum(x))
-
-
-def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(stage output, the same before its last block's final ReLU)."""
-    for block in stage[:-1]:
-        x = block(x)
-    pre = stage[-1].residual_sum(x)
-    return F.relu(pre), pre
+        return F.relu(self.pre_relu(x))
 
 
 def make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -85,12 +79,11 @@ class CifarResNet(ImageClassifier):
 
     def compute_features(self, x: Tensor, preact: bool = False) -> Features:
         stem = self.relu(self.bn1(self.conv1(x)))
-        f1, p1 = run_stage(self.layer1, stem)
-        f2, p2 = run_stage(self.layer2, f1)
-        f3, p3 = run_stage(self.layer3, f2)
+        f1, p1 = run_stage(self.layer1, stem, preact)
+        f2, p2 = run_stage(self.layer2, f1, preact)
+        f3, p3 = run_stage(self.layer3, f2, preact)
         pooled = self.global_pool(f3)  # the last stage's output is pooled as is
-        return Features(stem, [f1, f2, f3], pooled, self.fc(pooled), final=f3,
-                        preact=[p1, p2, p3] if preact else None)
+        return Features(stem, [f1, f2, f3], pooled, self.fc(pooled), final=f3, preact=[p1, p2, p3] if preact else None)
 
 
 _THIN = (16, 16, 32, 64)

@@ -3,6 +3,9 @@
 1x1 stem (no down-sampling), three stages of grouped bottlenecks with channel shuffle;
 stride-2 units concatenate an average-pooled shortcut instead of adding it. PyTorch's
 default init, as in the reference. Module names follow the reference.
+Features as its `forward(x, is_feat=True, preact=...)` (RepDistiller models/ShuffleNetv1.py):
+f0 = relu(bn1(conv1(x))), f1..f3 the stage outputs; preact = each stage's last unit before its
+final ReLU (the residual sum; a stride-2 unit's would be the concatenation).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier
+from engine.models.base import Features, ImageClassifier, run_stage
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -34,14 +37,18 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_planes, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def pre_relu(self, x: Tensor) -> Tensor:
+        """The unit's output before its final ReLU (RepDistiller's `preact`)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = channel_shuffle(out, self.shuffle_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-        return F.relu(out + x)
+            return torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+        return out + x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.pre_relu(x))
 
 
 class ShuffleNetV1(ImageClassifier):
@@ -71,12 +78,15 @@ class ShuffleNetV1(ImageClassifier):
     def classifier(self) -> nn.Linear:
         return self.linear
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(x)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f1, f2, f3, f3]
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        stem = F.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage(self.layer1, stem, preact)
+        f2, p2 = run_stage(self.layer2, f1, preact)
+        f3, p3 = run_stage(self.layer3, f2, preact)
+        pooled = self.global_pool(f3)
+        return Features(
+            stem, [f1, f2, f3], pooled, self.linear(pooled), final=f3, preact=[p1, p2, p3] if preact else None
+        )
 
 
 def shufflev1(num_classes: int = 10) -> ShuffleNetV1:

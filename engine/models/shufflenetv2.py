@@ -3,6 +3,11 @@
 1x1 stem (no down-sampling); each stage is a down-sampling unit plus channel-split units;
 a final 1x1 conv to 1024 channels. PyTorch's default init, as in the reference. Module
 names follow the reference.
+
+Features as its `forward(x, is_feat=True, preact=...)` (RepDistiller models/ShuffleNetv2.py):
+f0 = relu(bn1(conv1(x))), f1..f3 the stage outputs, pooled from relu(bn2(conv2(f3))). The
+preact of a stage is its last unit's `cat([kept half, bn3 output])` before the ReLU and
+*without* the channel shuffle the unit's output gets, exactly as the reference returns it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier
+from engine.models.base import Features, ImageClassifier
 from engine.models.shufflenetv1 import channel_shuffle
 
 
@@ -28,12 +33,17 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def run(self, x: Tensor, keep_pre: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(unit output, the unshuffled concatenation before the last ReLU if `keep_pre`)."""
         keep, x = x.chunk(2, dim=1)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([keep, out], 1), 2)
+        pre = self.bn3(self.conv3(out))
+        out = channel_shuffle(torch.cat([keep, F.relu(pre)], 1), 2)
+        return out, torch.cat([keep, pre], 1) if keep_pre else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)[0]
 
 
 class DownBlock(nn.Module):
@@ -62,6 +72,15 @@ class DownBlock(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
+def run_stage(stage: nn.Sequential, x: Tensor, preact: bool) -> tuple[Tensor, Tensor | None]:
+    """(stage output, its last unit's pre-activation map if `preact`); the plain path is stage(x)."""
+    if not preact:
+        return stage(x), None
+    for unit in stage[:-1]:
+        x = unit(x)
+    return stage[-1].run(x, keep_pre=True)
+
+
 class ShuffleNetV2(ImageClassifier):
     def __init__(
         self,
@@ -88,12 +107,16 @@ class ShuffleNetV2(ImageClassifier):
     def classifier(self) -> nn.Linear:
         return self.linear
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(x)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f1, f2, f3, F.relu(self.bn2(self.conv2(f3)))]
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        stem = F.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage(self.layer1, stem, preact)
+        f2, p2 = run_stage(self.layer2, f1, preact)
+        f3, p3 = run_stage(self.layer3, f2, preact)
+        final = F.relu(self.bn2(self.conv2(f3)))
+        pooled = self.global_pool(final)
+        return Features(
+            stem, [f1, f2, f3], pooled, self.linear(pooled), final=final, preact=[p1, p2, p3] if preact else None
+        )
 
 
 def shufflev2(num_classes: int = 10) -> ShuffleNetV2:

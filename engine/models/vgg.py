@@ -2,6 +2,9 @@
 
 Five conv blocks; max-pool after blocks 0-2 (and 3 for 64 px inputs), so a 32 px input
 ends at 4x4 with 512 channels, globally average-pooled. Module names follow the reference.
+Features as its `forward(x, is_feat=True, preact=...)` (RepDistiller models/vgg.py): f0 =
+relu(block0(x)) before the first pool, f1..f4 the ReLU outputs of blocks 1-4; the preact list
+has each block's output before that ReLU instead (f4 included; f0 is the same in both).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier
+from engine.models.base import Features, ImageClassifier
 
 # Output channels of each conv, per block (RepDistiller's configs S, A and B).
 CONFIGS: dict[str, list[list[int]]] = {
@@ -54,14 +57,26 @@ class VGG(ImageClassifier):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
         size = x.shape[2]
-        x = self.maxpool(F.relu(self.block0(x)))
-        f1 = F.relu(self.block1(x))
-        f2 = F.relu(self.block2(self.maxpool(f1)))
-        f3 = F.relu(self.block3(self.maxpool(f2)))
-        f4 = F.relu(self.block4(self.maxpool(f3) if size == 64 else f3))
-        return [f1, f2, f3, f4]
+        stem = F.relu(self.block0(x))
+        p1 = self.block1(self.maxpool(stem))
+        f1 = F.relu(p1)  # out of place: the pre-ReLU map stays intact at no extra cost
+        p2 = self.block2(self.maxpool(f1))
+        f2 = F.relu(p2)
+        p3 = self.block3(self.maxpool(f2))
+        f3 = F.relu(p3)
+        p4 = self.block4(self.maxpool(f3) if size == 64 else f3)
+        f4 = F.relu(p4)
+        pooled = self.global_pool(f4)
+        return Features(
+            stem,
+            [f1, f2, f3, f4],
+            pooled,
+            self.classifier(pooled),
+            final=f4,
+            preact=[p1, p2, p3, p4] if preact else None,
+        )
 
 
 def vgg8(num_classes: int = 10) -> VGG:

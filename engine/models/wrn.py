@@ -9,13 +9,20 @@ shortcut of a width-changing block reads the *raw* input except in the first gro
 TensorFlow original (google-research/mixmatch, libml/models.py). The popular PyTorch port
 instead feeds those blocks' first conv with the raw input and uses BN momentum 0.999 (which,
 in PyTorch's convention, nearly discards the running statistics); we follow the original.
+
+Features as RepDistiller's `forward(x, is_feat=True, preact=...)` (models/wrn.py): f0 the stem
+conv's output, f1..f3 the groups' outputs (raw residual sums: the blocks are pre-activation),
+pooled from relu(bn1(f3)). Its preact list replaces f1, f2, f3 by the BN that next reads them:
+block2.layer[0].bn1(f1), block3.layer[0].bn1(f2) and bn1(f3) (its `get_bn_before_relu`). The
+reference applies those BNs a second time, which in training mode updates their running
+statistics twice; here each is the very BN output the forward pass computes anyway.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from engine.models.base import ImageClassifier, init_he_fan_out
+from engine.models.base import Features, ImageClassifier, init_he_fan_out
 
 
 def _activation(leaky_slope: float) -> nn.Module:
@@ -50,12 +57,19 @@ class BasicBlock(nn.Module):
         if in_planes != out_planes:
             self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        act = self.relu1(self.bn1(x))
+    def run(self, x: Tensor, keep_norm: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(block output, bn1(x) if `keep_norm`): bn1(x) is the pre-activation map RepDistiller
+        reads. It is copied before relu1 overwrites it in place; the plain path copies nothing."""
+        normed = self.bn1(x)
+        kept = normed.clone() if keep_norm else None
+        act = self.relu1(normed)
         out = self.conv2(self.relu2(self.bn2(self.conv1(act))))
         if self.convShortcut is None:
-            return x + out
-        return self.convShortcut(act if self.activated_shortcut else x) + out
+            return x + out, kept
+        return self.convShortcut(act if self.activated_shortcut else x) + out, kept
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)[0]
 
 
 class NetworkBlock(nn.Module):
@@ -66,6 +80,15 @@ class NetworkBlock(nn.Module):
         blocks = [BasicBlock(in_planes, out_planes, stride, **block_kwargs)]
         blocks += [BasicBlock(out_planes, out_planes, 1, **block_kwargs) for _ in range(n - 1)]
         self.layer = nn.Sequential(*blocks)
+
+    def run(self, x: Tensor, keep_norm: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(group output, the first block's bn1(x) if `keep_norm`)."""
+        if not keep_norm:
+            return self.layer(x), None
+        x, normed = self.layer[0].run(x, keep_norm=True)
+        for block in self.layer[1:]:
+            x = block(x)
+        return x, normed
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -106,12 +129,19 @@ class WideResNet(ImageClassifier):
     def classifier(self) -> nn.Linear:
         return self.fc
 
-    def stage_features(self, x: Tensor) -> list[Tensor]:
-        f1 = self.block1(self.conv1(x))
-        f2 = self.block2(f1)
-        f3 = self.block3(f2)
+    def compute_features(self, x: Tensor, preact: bool = False) -> Features:
+        stem = self.conv1(x)
+        f1 = self.block1(stem)
+        f2, p1 = self.block2.run(f1, keep_norm=preact)  # p1 = block2.layer[0].bn1(f1)
+        f3, p2 = self.block3.run(f2, keep_norm=preact)  # p2 = block3.layer[0].bn1(f2)
         # Group outputs are pre-activation sums; the pooled map is the final BN-act of f3.
-        return [f1, f2, f3, self.relu(self.bn1(f3))]
+        normed = self.bn1(f3)
+        p3 = normed.clone() if preact else None  # self.relu works in place
+        final = self.relu(normed)
+        pooled = self.global_pool(final)
+        return Features(
+            stem, [f1, f2, f3], pooled, self.fc(pooled), final=final, preact=[p1, p2, p3] if preact else None
+        )
 
 
 def wrn_16_1(num_classes: int = 10) -> WideResNet:
