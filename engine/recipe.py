@@ -245,7 +245,8 @@ def _check_files(recipe: Recipe, source: Path) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
-    """Read, extend, override and validate a recipe file. Raises RecipeError."""
+    """Read, extend, override and validate a recipe file. Raises RecipeError. An override of a key
+    that `[sweep]` varies replaces the sweep over it (`--set run.method=crd` on a method sweep)."""
     path = Path(path)
     data = _resolve_extends(path)
     if isinstance(overrides, list):
@@ -257,6 +258,9 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
             except ValueError as err:
                 raise RecipeError(path, key, str(err).split(": ", 1)[1]) from None
         data = apply_overrides(data, overrides)
+        if isinstance(data.get("sweep"), dict):  # an override of a swept key pins it: that point only
+            sweep = _flatten(data["sweep"])
+            data["sweep"] = {key: values for key, values in sweep.items() if key not in overrides}
     return _check_files(validate(data, path), path)
 
 
