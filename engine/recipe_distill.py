@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engine.recipe_sections import Section
 
@@ -20,17 +20,18 @@ if TYPE_CHECKING:
 # loss = ce_weight * CE + kd_weight * KL term + feature_weight * the method's own loss (-r, -a, -b).
 ZOO_METHODS = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "kdsvd", "crd", "dkd")
 DISTILL_METHODS = ("kd", "hsakd", "teacher_target", *ZOO_METHODS)  # students that learn from a [teacher]
+INIT_PHASE_METHODS = ("ab", "ft", "fsp", "fitnet")  # zoo methods with a stage before distillation
 DEEP_SUPERVISION_METHODS = ("kd", "hsakd", "teacher_target", "supervised_aux")  # honour distill.aux_stage
 
 
 class FitNetSection(Section):
-    """`[distill.fitnet]`: which feature (index into the [f0, f1, ..., pooled] list) gives the hint."""
+    """`[distill.fitnet]`: which feature map (index into the [f0, f1, ..., pooled] list) gives the hint."""
 
     hint_layer: int = Field(2, ge=0, le=4)
 
 
 class ATSection(Section):
-    """`[distill.at]`: attention maps are the channel mean of |f|^p."""
+    """`[distill.at]`: attention maps are the channel mean of |f|^p (RepDistiller's p = 2)."""
 
     p: float = Field(2.0, gt=0, le=16)
 
@@ -47,12 +48,24 @@ class VIDSection(Section):
     init_pred_var: float = Field(5.0, gt=0, le=1e6)
     eps: float = Field(1e-5, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _variance_above_floor(self) -> VIDSection:
+        if self.init_pred_var <= self.eps:  # the log-scale starts at softplus^-1(init_pred_var - eps)
+            raise ValueError(f"init_pred_var ({self.init_pred_var}) must exceed eps ({self.eps})")
+        return self
+
 
 class RKDSection(Section):
     """`[distill.rkd]`: weights of the distance and angle terms."""
 
     distance_weight: float = Field(25.0, ge=0, le=1e6)
     angle_weight: float = Field(50.0, ge=0, le=1e6)
+
+
+class KDSVDSection(Section):
+    """`[distill.kdsvd]`: how many of the teacher's leading singular vectors each stage passes on."""
+
+    k: int = Field(1, ge=1, le=64)
 
 
 class ABSection(Section):
@@ -62,10 +75,12 @@ class ABSection(Section):
 
 
 class FTSection(Section):
-    """`[distill.ft]`: the paraphraser's rate (factor channels = rate * teacher channels) and norm."""
+    """`[distill.ft]`: the paraphraser's rate (factor channels = rate * teacher channels) and
+    FactorTransfer's exponents (RepDistiller's p1, p2)."""
 
     rate: float = Field(0.5, gt=0, le=4)
-    p: int = Field(1, ge=1, le=2)  # FactorTransfer: L_p distance between normalised factors
+    p1: float = Field(2.0, gt=0, le=16)  # factor = normalize(mean_c f^p1)
+    p2: int = Field(1, ge=1, le=2)  # loss = mean |factor_s - factor_t|^p2
 
 
 class CRDSection(Section):
@@ -75,7 +90,8 @@ class CRDSection(Section):
     nce_k: int = Field(16384, ge=1, le=10_000_000)
     nce_t: float = Field(0.07, gt=0, le=100)
     nce_m: float = Field(0.5, ge=0, le=1)
-    mode: Literal["exact", "relax"] = "exact"  # exact: negatives from other classes only
+    # negatives are other classes' rows in both; the positive is the row itself (exact) or a row of its class (relax)
+    mode: Literal["exact", "relax"] = "exact"
 
 
 class DKDSection(Section):
@@ -107,6 +123,7 @@ class DistillSection(Section):
     cc: CCSection = CCSection()
     vid: VIDSection = VIDSection()
     rkd: RKDSection = RKDSection()
+    kdsvd: KDSVDSection = KDSVDSection()
     ab: ABSection = ABSection()
     ft: FTSection = FTSection()
     crd: CRDSection = CRDSection()
@@ -148,6 +165,9 @@ def check_distill(recipe: Recipe) -> None:
         if getattr(recipe.distill, key) != DistillSection.model_fields[key].default and method not in ZOO_METHODS:
             raise ValueError(f"distill.{key}: only the distillation zoo's methods use it ({', '.join(ZOO_METHODS)}), "
                              f"got method {method}")
+    if recipe.distill.init_epochs and method not in INIT_PHASE_METHODS:
+        raise ValueError(f"distill.init_epochs: method {method} has no initialisation stage; only "
+                         f"{', '.join(INIT_PHASE_METHODS)} have one")
     if recipe.distill.aux_stage is not None and method not in DEEP_SUPERVISION_METHODS:
         raise ValueError(f"distill.aux_stage: method {method} has no deep supervision; use one of "
                          f"{', '.join(DEEP_SUPERVISION_METHODS)}")

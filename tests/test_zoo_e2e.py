@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import load_checkpoint
-from engine.recipe_distill import ZOO_METHODS
+from engine.recipe_distill import INIT_PHASE_METHODS, ZOO_METHODS
 from engine.rundir import iter_run_dirs
 from tests.conftest import ROOT, write_recipe
 from tests.test_distill import fake_checkpoint
@@ -20,7 +20,6 @@ from tui.app import KdtuiApp
 from tui.widgets.runs_table import RunsTable
 
 WITH_MODULES = {"fitnet", "cc", "vid", "ab", "ft", "crd"}  # methods that own trainable modules
-WITH_INIT_PHASE = {"ab", "ft", "fsp"}  # the reference trains a stage before distillation
 
 SWEEP = """
 [run]
@@ -38,7 +37,7 @@ arch = "resnet8"
 [teacher]
 checkpoint = "{teacher}"
 [distill]
-init_epochs = 1
+{init}
 [distill.crd]
 nce_k = 32
 [train]
@@ -59,9 +58,11 @@ def kdtui(*args: str, runs: Path) -> subprocess.CompletedProcess[str]:
 def test_every_zoo_method_runs_and_shows_up_like_any_run(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     teacher = fake_checkpoint(tmp_path / "teacher.pt", "resnet14")
-    recipe = write_recipe(tmp_path, SWEEP.format(teacher=teacher, methods=json.dumps(list(ZOO_METHODS))), "zoo.toml")
-    done = kdtui("run", str(recipe), runs=runs)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    staged = [m for m in ZOO_METHODS if m in INIT_PHASE_METHODS]  # a 1-epoch initialisation stage, then 1 epoch
+    for methods, init in ((staged, "init_epochs = 1"), ([m for m in ZOO_METHODS if m not in staged], "")):
+        text = SWEEP.format(teacher=teacher, methods=json.dumps(methods), init=init)
+        done = kdtui("run", str(write_recipe(tmp_path, text, "zoo.toml")), runs=runs)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     by_method = {r.read_info()["method"]: r for r in iter_run_dirs(runs)}
     assert set(by_method) == set(ZOO_METHODS)
@@ -70,7 +71,7 @@ def test_every_zoo_method_runs_and_shows_up_like_any_run(tmp_path: Path) -> None
         assert info["status"] == "finished", (method, info.get("error"))
         events = run.events()
         phases = {e.get("phase") for e in events if e["split"] == "train"}
-        assert phases == ({"init", "train"} if method in WITH_INIT_PHASE | {"fitnet"} else {None}), method
+        assert phases == ({"init", "train"} if method in INIT_PHASE_METHODS else {None}), method
         assert any(e["split"] == "test" and 0 <= e["top1"] <= 1 for e in events), method
         saved = load_checkpoint(run.checkpoints / "last.pt")
         assert saved["arch"] == "resnet8" and saved["method"] == method

@@ -1,9 +1,12 @@
 """`at`: attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention").
 
-Each stage map f (B, C, H, W) becomes an attention map: the channel mean of f^p, flattened and
-L2-normalised per sample; the loss is the mean squared difference of student and teacher maps,
-summed over the stage pairs feat[1:-1]. A larger map is average-pooled to the smaller one's size
-first, so pairs with different resolutions work.
+Each stage map f (B, C, H, W) becomes an attention map: the channel mean of |f|^p, flattened and
+L2-normalised per sample (over positions); the loss is the mean squared difference of student and
+teacher maps, summed over the stage pairs feat[1:-1]. A larger map is average-pooled to the
+smaller one's size first, so pairs with different resolutions work. The teacher side is a constant.
+
+RepDistiller writes f.pow(p): the same for its p = 2 and for post-ReLU maps; |f| (the paper's
+definition) keeps maps with negative entries (e.g. linear bottlenecks) defined for other p.
 
 Defaults: p = 2 (RepDistiller's `Attention(p=2)`, distiller_zoo/AT.py); beta 1000 (RepDistiller's
 scripts/run_cifar_distill.sh, `--distill attention -a 0 -b 1000`).
@@ -19,12 +22,13 @@ from engine.models.base import Features
 
 
 def attention_map(fmap: Tensor, p: float = 2.0) -> Tensor:
-    """(B, C, H, W) -> (B, H*W): normalize(mean_c f^p), unit L2 norm per row."""
-    return F.normalize(fmap.pow(p).mean(1).flatten(1), dim=1)
+    """(B, C, H, W) -> (B, H*W): normalize(mean_c |f|^p), unit L2 norm per row."""
+    return F.normalize(fmap.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
 def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     """Mean over batch and positions of (a_s - a_t)^2, after pooling the larger map to the smaller."""
+    teacher = teacher.detach()
     hs, ht = student.shape[2], teacher.shape[2]
     if hs > ht:
         student = F.adaptive_avg_pool2d(student, (ht, ht))
