@@ -2,10 +2,23 @@
 
 A checkpoint holds tensors, numbers, strings and plain containers only (the recipe
 as a TOML string), so loading never runs pickled code.
+
+`load_weights` also reads the weights files of the reference code, for teachers and pretrained
+backbones: a bare state dict, or a dict holding one under `model` (HobbitLong/RepDistiller
+train_teacher.py / train_student.py: {'epoch', 'model', 'accuracy', 'optimizer'}, and the final
+`*_last.pth` with {'opt': argparse.Namespace, 'model', ...}; mdistiller's downloaded teachers are
+those files), `net` (winycg/HSAKD's runs: {'net', 'acc', 'epoch', 'optimizer'}) or `state_dict`
+(HSAKD's pretrained backbones, many others); DataParallel's `module.` prefix is dropped. Still
+weights_only. One class is let through on top: argparse.Namespace, for RepDistiller's 'opt'. Its
+unpickling only creates an empty object and fills its __dict__ (no __setstate__, no reduce call),
+and the attribute values pass through the same restricted unpickler, so it cannot run code; the
+value is never used. Any other class stays refused with one line.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import os
 import pickle
@@ -26,6 +39,9 @@ VERSION = 1
 # write, with part of the temp file on disk, so a test can SIGKILL the engine mid-write. Unset: no cost.
 FAULT_DELAY_ENV = "KDTUI_FAULT_DELAY_CHECKPOINT_S"
 TEMP_SUFFIX = ".tmp"
+STATE_DICT_KEYS = ("model", "net", "state_dict")  # where the reference programs put theirs, in this order
+DATA_PARALLEL_PREFIX = "module."
+FOREIGN_SAFE_GLOBALS = [argparse.Namespace]  # RepDistiller's 'opt'; see the module docstring
 
 
 class _Writer:
@@ -87,24 +103,73 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a kdtui checkpoint; every failure is a CheckpointError with one line."""
     path = Path(path)
+    return _as_kdtui(_read(path, map_location, foreign=False), path)
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict | None]:
+    """(state dict, the kdtui checkpoint it is part of) for a kdtui checkpoint, (state dict, None)
+    for a reference-code weights file (see the module docstring); anything else is one line."""
+    path = Path(path)
+    state = _read(path, map_location, foreign=True)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        checkpoint = _as_kdtui(state, path)
+        return checkpoint["model"], checkpoint
+    return _foreign_state_dict(state, path), None
+
+
+def _read(path: Path, map_location: str | torch.device, foreign: bool) -> Any:
+    """torch.load(weights_only=True) with one-line errors. kdtui's own files are zip archives;
+    reference files may also be in the legacy (pre-1.6) format, which weights_only reads as safely."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is foreign or damaged
+    if not foreign and not zipfile.is_zipfile(path):  # torch.save writes a zip archive; else foreign or damaged
         raise CheckpointError(f"{path}: not a kdtui checkpoint (not a PyTorch zip archive; truncated or foreign file)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(FOREIGN_SAFE_GLOBALS) if foreign else contextlib.nullcontext():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused to load (not plain tensors/data; weights_only): {first[:200]}") \
-            from None
+        raise CheckpointError(f"{path}: refused to load (not plain tensors/data; weights_only): "
+                              f"{_refusal_reason(err)[:200]}") from None
     except Exception as err:  # damaged bytes surface as RuntimeError, EOFError, KeyError, UnicodeDecodeError, ...
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__})") from None
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The line of torch's weights_only message that names what was refused (not its generic preamble)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return (specific or lines or ["unsupported content"])[0].removeprefix("WeightsUnpickler error: ")
+
+
+def _as_kdtui(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a kdtui checkpoint (no '{FORMAT}' marker)")
     if "model" not in state:
         raise CheckpointError(f"{path}: kdtui checkpoint without model weights")
     _check_fields(state, path)
     return state
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _foreign_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a reference-code file, without DataParallel's `module.` prefix."""
+    if _is_state_dict(state):
+        weights = state
+    elif isinstance(state, dict) and (key := next((k for k in STATE_DICT_KEYS if _is_state_dict(state.get(k))), None)):
+        weights = state[key]
+    else:
+        found = type(state).__name__
+        if isinstance(state, dict):
+            found = f"a dict with keys {sorted(str(k)[:40] for k in state)[:6]}"
+        raise CheckpointError(f"{path}: no state dict found (expected a kdtui checkpoint, a state dict, or a dict "
+                              f"with one under {', '.join(map(repr, STATE_DICT_KEYS))}; found {found})")
+    if all(k.startswith(DATA_PARALLEL_PREFIX) for k in weights):
+        weights = {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in weights.items()}
+    return dict(weights)
 
 
 def _check_fields(state: dict[str, Any], path: Path) -> None:

@@ -93,19 +93,33 @@ class ModelSection(Section):
 
 
 class TeacherSection(Section):
-    """Where a teacher (or pretrained backbone) comes from: another recipe's run or a file."""
+    """Where a teacher (or pretrained backbone) comes from: another recipe's run or a file.
+
+    `arch` names the network in a file that does not say (a checkpoint of the reference code,
+    e.g. RepDistiller's ckpt_epoch_240.pth, or a bare state dict); kdtui checkpoints name their own."""
 
     from_recipe: str | None = Field(None, alias="from")
     checkpoint: str | None = None
+    arch: str | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str | None) -> str | None:
+        if value is not None and value not in model_names():
+            raise ValueError(f"unknown arch {value!r}; expected one of {', '.join(model_names())}")
+        return value
 
 
 class OptimSection(Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "lars"] = "sgd"
     lr: float = Field(0.1, gt=0, le=1e9)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
+    # lars (engine/optim.py LARS): trust coefficient and lr clipping; solo-learn's CIFAR recipes' values
+    lars_eta: float = Field(0.02, gt=0, le=1)
+    lars_clip: bool = True
 
 
 class StageSection(Section):

@@ -50,7 +50,8 @@ class StudentMethod(Method):
         cfg = recipe.distill
         self.temperature = cfg.temperature or DEFAULT_TEMPERATURE.get(recipe.run.method, 1.0)
         self.aux_student = is_auxiliary(recipe.model.arch)
-        self.teacher = Teacher(recipe.teacher.checkpoint, data, device) if self.needs_teacher else None
+        teacher = recipe.teacher
+        self.teacher = Teacher(teacher.checkpoint, data, device, teacher.arch) if self.needs_teacher else None
         if self.rotations and self.teacher is not None and not self.teacher.auxiliary:
             raise CheckpointError(f"{self.teacher.path}: teacher arch {self.teacher.arch!r} has no auxiliary branches; "
                                   f"{recipe.run.method} needs an *_aux teacher (train one with method hsakd_teacher)")

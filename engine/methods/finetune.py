@@ -22,5 +22,5 @@ class FineTune(Method):
         from engine.models import build_model
 
         model = build_model(r.model.arch, r.model.num_classes or self.data.num_classes)
-        load_backbone(model, backbone_checkpoint(r), r.model.arch)
+        load_backbone(model, backbone_checkpoint(r), r.model.arch, r.teacher.arch)
         return model

@@ -43,7 +43,8 @@ class HSAKDTeacher(Method):
             if not source:  # `[teacher] from` is resolved to a checkpoint by the launcher
                 raise CheckpointError("frozen hsakd_teacher: no pretrained backbone checkpoint in [teacher]; "
                                       "start the run with `kdtui run` so that [teacher] from is resolved")
-            load_backbone(model.backbone, self.recipe.model.arch.removesuffix("_aux"), source, self.data)
+            load_backbone(model.backbone, self.recipe.model.arch.removesuffix("_aux"), source, self.data,
+                          self.recipe.teacher.arch)
             freeze(model.backbone)
         return model
 

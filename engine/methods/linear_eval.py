@@ -64,7 +64,7 @@ class LinearEval(Method):
         r = self.recipe
         model = build_model(r.model.arch, r.model.num_classes or self.data.num_classes)
         if not r.linear_eval.random_backbone:
-            load_backbone(model, backbone_checkpoint(r), r.model.arch)
+            load_backbone(model, backbone_checkpoint(r), r.model.arch, r.teacher.arch)
         return model
 
     @torch.no_grad()

@@ -55,7 +55,7 @@ class FeatureDistill(Method):
     def __init__(self, recipe: Recipe, data: DataBundle, device: torch.device) -> None:
         super().__init__(recipe, data, device)
         cfg = recipe.distill
-        self.teacher = Teacher(backbone_checkpoint(recipe), data, device)
+        self.teacher = Teacher(backbone_checkpoint(recipe), data, device, recipe.teacher.arch)
         if recipe.train.channels_last_on(device.type):  # the trainer converts saved modules only
             self.teacher.model.to(memory_format=torch.channels_last)
         self.temperature = cfg.temperature or DEFAULT_TEMPERATURE
