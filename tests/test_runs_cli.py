@@ -180,14 +180,16 @@ def test_slurm_script(runs_dir: Path, tmp_path: Path) -> None:
     assert code == 0, err
     script = Path(out.strip().splitlines()[-1])
     (run,) = iter_run_dirs(runs_dir)
-    assert script == run.path / "slurm.sbatch"
+    assert str(script) == run.read_info()["slurm_script"] and script.name == "job.sbatch"  # one array per sweep
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00", f"#SBATCH --output={run.path}/train.log"):
+                 "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00", "#SBATCH --array=0-0",
+                 f"#SBATCH --output={script.parent}/task-%A_%a.out", f"    {run.path.resolve()}"):
         assert line in text
-    assert "srun --kill-on-bad-exit=1" in text and "--nproc-per-node 4" in text and '"$head_node:29600"' in text
-    assert f"-m engine {run.path}" in text and "--rdzv-backend c10d" in text
+    assert "srun --kill-on-bad-exit=1" in text and "--nproc-per-node 4" in text and '"$head_node:$port"' in text
+    assert "port=$(( (29600 - 1024 + task)" in text  # a rendezvous port per array task
+    assert '-m engine "$run_dir"' in text and "--rdzv-backend c10d" in text
     assert tomllib.loads(run.recipe_path.read_text())["train"]["device"] == "cuda"  # rank r -> cuda:LOCAL_RANK
     assert run.read_info()["status"] == "queued" and RunStore(runs_dir).get(run.id)["device"] == "2xcuda:0,1,2,3"
     directives = [i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH")]

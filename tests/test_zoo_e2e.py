@@ -24,7 +24,7 @@ WITH_MODULES = {"fitnet", "cc", "vid", "ab", "ft", "crd"}  # methods that own tr
 SWEEP = """
 [run]
 name = "zoo"
-method = "at"
+method = "{first}"
 [data]
 dataset = "embedded"
 batch_size = 16
@@ -60,7 +60,7 @@ def test_every_zoo_method_runs_and_shows_up_like_any_run(tmp_path: Path) -> None
     teacher = fake_checkpoint(tmp_path / "teacher.pt", "resnet14")
     staged = [m for m in ZOO_METHODS if m in INIT_PHASE_METHODS]  # a 1-epoch initialisation stage, then 1 epoch
     for methods, init in ((staged, "init_epochs = 1"), ([m for m in ZOO_METHODS if m not in staged], "")):
-        text = SWEEP.format(teacher=teacher, methods=json.dumps(methods), init=init)
+        text = SWEEP.format(teacher=teacher, methods=json.dumps(methods), init=init, first=methods[0])
         done = kdtui("run", str(write_recipe(tmp_path, text, "zoo.toml")), runs=runs)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

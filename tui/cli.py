@@ -49,7 +49,7 @@ _MODULES: dict[str, dict[str, str]] = {
         "bench": "Benchmarks: `kdtui bench devices RECIPE --device ...`.",
     },
     "tui.commands.slurm": {
-        "slurm": "Write (and optionally submit) a SLURM batch script per sweep point; prints the script paths.",
+        "slurm": "Write (and optionally submit) one SLURM job array, a task per sweep point; prints the script path.",
     },
 }
 # name -> (module, short help)

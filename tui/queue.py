@@ -135,7 +135,9 @@ def _requeue(run: RunDir) -> dict[str, Any]:
     if status == "finished":
         raise QueueError(f"{run.id} already finished; `kdtui relaunch {run.id}` starts a new run like it")
     if (info.get("launch") or {}).get("scheduler") == "slurm":
-        raise QueueError(f"{run.id} runs under SLURM: `sbatch {run.path / 'slurm.sbatch'}` resumes it from last.pt")
+        from tui.slurm_array import resubmit_hint
+
+        raise QueueError(f"{run.id} runs under SLURM: `{resubmit_hint(info)}` resumes it from last.pt")
     if not (run.checkpoints / "last.pt").exists():  # starting over: drop the partial curves
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.tb_dir, ignore_errors=True)
@@ -144,7 +146,11 @@ def _requeue(run: RunDir) -> dict[str, Any]:
 
 def stop_run(run: RunDir) -> str:
     """SIGTERM a running job's process group (it checkpoints and becomes `interrupted`), or cancel a
-    queued one. Returns what was done, for the user."""
+    queued one. Returns what was done, for the user. A SLURM array task is cancelled with scancel."""
+    if run.read_info().get("slurm_job"):  # its pid is on a compute node: never signal it from here
+        from tui.slurm_array import stop_array_task
+
+        return stop_array_task(run)
     with run_lock(run):
         info = run.read_info()
         status = effective_status(info)

@@ -3,9 +3,16 @@
 The run directories are the source of truth; this file is a searchable index of them.
 The file is TinyDB's format (`{"runs": {doc_id: document}}`, readable with
 `TinyDB(path, storage=AtomicJSONStorage)`). TinyDB is not safe across processes, so every
-write holds one inter-process file lock (`kdtui.json.lock`), reads and writes the file once,
+write holds one inter-process lock (`kdtui.json.lock`), reads and writes the file once,
 and replaces it atomically (temp file + os.replace): a reader never sees a torn file, and
 readers need no lock. Torch-free.
+
+The runs root may sit on a filesystem shared by many machines (SLURM array tasks finishing
+on different nodes record their end here at once). fcntl/flock locks do not reliably exclude
+other NFS clients, so the lock is `tui.netlock.NetLock`, built on link(2) with stale-lock
+recovery, and a write is committed only after checking the lock is still ours. Nodes also
+write only their own run directories otherwise: if a node's store update fails, `sync()`
+(every `kdtui runs`, the TUI) catches up from the run directories, which stay the truth.
 
 Document fields (stable; `kdtui runs --json` prints a list of these, `kdtui show --json` one):
 id, name, status, method, arch, dataset, device, pid, host, run_dir, recipe_path, recipe_hash,
@@ -13,7 +20,8 @@ params (the resolved recipe as dotted keys: STABLE_PARAMS always, other keys onl
 differ from the schema default, to keep documents small), epoch, epochs, step, best (metric ->
 value, plus `epoch` and `metric`), last (latest eval metrics), created, started, ended (unix
 seconds), tags, note, error, git_commit, sweep_point, parent (id this run was relaunched from),
-and `synced` (internal: the run files' mtime the document reflects).
+slurm_job (JOBID_TASK of a `kdtui slurm --submit` array task, else None), and `synced`
+(internal: the run files' mtime the document reflects).
 """
 
 from __future__ import annotations
@@ -27,11 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from tinydb.storages import Storage
 
 from engine.errors import UserError
 from engine.rundir import RunDir, atomic_write_text, effective_status, iter_run_dirs
+from tui.netlock import LockLost, LockTimeout, NetLock
 
 STORE_FILE = "kdtui.json"
 TABLE = "runs"
@@ -96,22 +104,26 @@ class RunStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / STORE_FILE
-        self.lock = FileLock(str(self.root / f"{STORE_FILE}.lock"), timeout=LOCK_TIMEOUT_S)
+        self.lock = NetLock(self.root / f"{STORE_FILE}.lock", timeout=LOCK_TIMEOUT_S)
 
-    def _modify(self, change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
+    def _modify(self, change: Callable[[dict[str, dict[str, Any]]], bool],
+                replace: dict[str, Any] | None = None) -> None:
         """Holding the lock: read the table (doc_id -> document) once, let `change` edit it in place,
-        write it once if it returns True. (TinyDB's own upsert rewrites the file up to three times.)"""
+        write it once if it returns True. (TinyDB's own upsert rewrites the file up to three times.)
+        `replace` writes that data without reading the file (rebuild: the old file may be corrupt)."""
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with self.lock:
                 storage = AtomicJSONStorage(self.path)
-                data = storage.read() or {}
+                data = replace if replace is not None else storage.read() or {}
                 table = data.setdefault(TABLE, {})
                 if change(table):
+                    self.lock.verify()  # frozen past the stale limit and broken? then write nothing
                     storage.write(data)
-        except Timeout:
-            raise StoreError(f"{self.lock.lock_file}: run store locked for over {LOCK_TIMEOUT_S:.0f} s "
-                             f"by another process") from None
+        except LockTimeout as err:
+            raise StoreError(f"{err}: run store busy; try again") from None
+        except LockLost as err:
+            raise StoreError(str(err)) from None
 
     # ---------------------------------------------------------------- API
     def upsert(self, doc: dict[str, Any]) -> None:
@@ -120,6 +132,21 @@ class RunStore:
             key = _key_of(table, doc["id"]) or str(max(map(int, table), default=0) + 1)
             table[key] = doc
             return True
+
+        self._modify(change)
+
+    def upsert_many(self, docs: list[dict[str, Any]]) -> None:
+        """upsert() for many documents with one lock and one write (a 1000-point sweep is one write)."""
+        def change(table: dict[str, dict[str, Any]]) -> bool:
+            keys = {doc.get("id"): key for key, doc in table.items() if isinstance(doc, dict)}
+            top = max(map(int, table), default=0)
+            for doc in docs:
+                key = keys.get(doc["id"])
+                if key is None:
+                    top += 1
+                    key = keys[doc["id"]] = str(top)
+                table[key] = doc
+            return bool(docs)
 
         self._modify(change)
 
@@ -190,18 +217,14 @@ class RunStore:
             return changed
 
         if self.root.is_dir():
+            _default_params()  # its first call imports the recipe schema: not while holding the lock
             self._modify(reconcile)
         return result
 
     def rebuild(self) -> int:
         """Recreate kdtui.json from the run directories alone (a corrupt store is simply replaced)."""
         docs = [doc_from_run(run) for run in iter_run_dirs(self.root)]
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            with self.lock:
-                AtomicJSONStorage(self.path).write({TABLE: {str(i): doc for i, doc in enumerate(docs, start=1)}})
-        except Timeout:
-            raise StoreError(f"{self.lock.lock_file}: run store locked by another process") from None
+        self._modify(lambda table: True, replace={TABLE: {str(i): doc for i, doc in enumerate(docs, start=1)}})
         return len(docs)
 
 
@@ -249,6 +272,7 @@ def doc_from_run(run: RunDir) -> dict[str, Any]:
         "git_commit": info.get("git_commit"),
         "sweep_point": info.get("sweep_point") or {},
         "parent": info.get("parent"),
+        "slurm_job": info.get("slurm_job"),
         "synced": files_stamp(run),
     }
 
