@@ -93,6 +93,9 @@ def lr_factor(cfg: ScheduleSection, base_lr: float, epochs: int) -> Callable[[fl
     elif cfg.name in ("cosine", "cosine_floor"):
         period = cfg.period or epochs
         shape = lambda t: cosine(min(t, period), period, cfg.min_lr / base_lr)
+    elif cfg.name == "cosine_fraction":  # FixMatch's lr0 cos(7 pi k / 16 K): a part of a cosine, no floor
+        period = cfg.period or epochs
+        shape = lambda t: math.cos(cfg.fraction * math.pi * min(t, period) / period)
     else:  # stages: consecutive blocks of epochs, each with its own absolute lr and shape
         starts = [0]
         for stage in cfg.stages:

@@ -132,13 +132,14 @@ class StageSection(Section):
 
 
 class ScheduleSection(Section):
-    name: Literal["constant", "multistep", "cosine", "cosine_floor", "stages"] = "cosine"
+    name: Literal["constant", "multistep", "cosine", "cosine_floor", "cosine_fraction", "stages"] = "cosine"
     per: Literal["epoch", "step"] = "epoch"
     milestones: list[int] = []
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     period: int | None = Field(None, ge=1)
+    fraction: float = Field(7 / 16, gt=0, le=0.5)  # cosine_fraction: lr0 cos(fraction pi t / period) (FixMatch)
     stages: list[StageSection] = []
 
 
