@@ -7,14 +7,32 @@ one code path. Under torchrun:
 - the backend is gloo on CPU and nccl on CUDA (each rank on cuda:LOCAL_RANK);
 - every rank walks the same shuffled order and takes a contiguous shard of each batch,
   so the GLOBAL batch is `data.batch_size` whatever the number of processes;
-- gradients are summed with one flattened all-reduce per step, after each rank scaled its
-  mean loss by (local rows / global rows): the result is exactly the gradient of the mean
-  loss over the global batch, the same arithmetic as DistributedDataParallel. We do not wrap
-  the method's networks in DDP so that methods keep calling their modules directly, and
-  every trainable parameter (heads, projectors, auxiliary branches) is synchronised;
-  the price is no overlap of communication with the backward pass;
-- a small CPU control all-reduce per step agrees on stopping (SIGTERM reaches ranks at
-  different moments) and on which parameters received gradients;
+- gradients go through torch's DistributedDataParallel (`DataParallelStep`), so they are
+  bucketed and all-reduced while backward still runs. DDP wraps `StepModule`, a container of
+  every saved module of the method that has trainable parameters, whose forward is the
+  method's own `train_step`: methods keep calling their modules directly (student, heads,
+  projectors, a teacher, EMA targets) and DDP's forward still prepares the reducer for every
+  parameter the step uses. Frozen parameters (requires_grad False) are not DDP's; trainable
+  ones outside the current phase's optimizer are ignored for that phase (each phase gets its
+  own DDP: pre-phases train other parameters);
+- the arithmetic: each rank scales its mean loss by (local rows / global rows) and a comm hook
+  SUMS the buckets (DDP's default hook averages), so the result is exactly the gradient of the
+  mean loss over the global batch for any world size and shard sizes (averaging instead would
+  need the loss scaled by world_size, one more rounding when that is not a power of two);
+- `find_unused_parameters`: a phase's first step runs with it (safe: a parameter that no rank
+  uses keeps grad None, as in one process; one unused on some ranks only gets their zeros), and
+  reads the step's autograd graph; if every rank reached every covered parameter, the phase
+  continues on a DDP without it (no graph traversal per step). A method whose set of used
+  parameters changes later in a phase is caught on the rank that missed a gradient (an error
+  that names the phase) instead of a silent wrong step;
+- `broadcast_buffers` is off (the trainer copies rank 0's buffers after each epoch; DDP's
+  per-forward broadcast would cost a collective per step), and so is DDP's initial sync
+  (`prepare_modules` already broadcast rank 0's weights);
+- stopping (SIGTERM reaches ranks at different moments) is agreed without a blocking host
+  round trip per step: each step launches an asynchronous all-reduce of this rank's flag and
+  reads the one launched a step earlier, long complete by then (one gradient all-reduce has
+  passed in between); every rank reads the same result at the same step, so all stop on the
+  same step, and the end of each epoch agrees once more, blocking;
 - evaluation shards each split over ranks and averages the metrics weighted by rows,
   so `Method.evaluate` must return per-sample means (loss, accuracies);
 - `train.sync_bn` normalises with statistics of the global batch (torch's SyncBatchNorm
@@ -23,6 +41,7 @@ one code path. Under torchrun:
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -43,6 +63,7 @@ class Dist:
     local_rank: int = 0
     control: Any = None  # process group for CPU-side agreement (gloo)
     _eval_shards: dict[int, Any] = field(default_factory=dict)
+    _stop_pending: tuple[Any, Tensor] | None = None  # (work, flag) of the last poll_stop
 
     @property
     def enabled(self) -> bool:
@@ -66,25 +87,42 @@ class Dist:
         """A trailing batch smaller than the world would leave a rank with no rows: drop it."""
         return self.enabled and 0 < n % batch_size < self.world_size
 
-    # ---------------------------------------------------------------- per step
-    def sync_step(self, params: list[nn.Parameter], signalled: bool) -> bool:
-        """Sum gradients over ranks; return True on every rank once any rank was signalled to stop."""
+    # ---------------------------------------------------------------- stopping
+    def poll_stop(self, signalled: bool) -> bool:
+        """Call once per step on every rank: True (everywhere, at the same step) once a rank that
+        was signalled had launched its flag. Never blocks on a round trip: it launches this step's
+        asynchronous all-reduce of the flag and returns the result of the previous step's."""
         if not self.enabled:
             return signalled
-        flags = torch.tensor([float(signalled)] + [float(p.grad is not None) for p in params])
-        dist.all_reduce(flags, group=self.control)
-        has_grad = [p for p, seen in zip(params, flags[1:].tolist(), strict=True) if seen > 0]
-        for p in has_grad:
-            if p.grad is None:  # unused on this rank, used on another: contribute zeros
-                p.grad = torch.zeros_like(p)
-        for bucket in _buckets([p.grad for p in has_grad]):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-        return bool(flags[0] > 0)
+        previous = self._collect_stop()
+        flag = torch.tensor([float(signalled)])
+        self._stop_pending = (dist.all_reduce(flag, group=self.control, async_op=True), flag)
+        return previous
+
+    def agree_stop(self, signalled: bool) -> bool:
+        """A blocking agreement (end of an epoch): the pending flag, then this moment's flags."""
+        if not self.enabled:
+            return signalled
+        previous = self._collect_stop()
+        flag = torch.tensor([float(signalled)])
+        dist.all_reduce(flag, group=self.control)
+        return previous or bool(flag[0] > 0)
+
+    def _collect_stop(self) -> bool:
+        if self._stop_pending is None:
+            return False
+        work, flag = self._stop_pending
+        self._stop_pending = None
+        work.wait()
+        return bool(flag[0] > 0)
+
+    def all_true(self, value: bool) -> bool:
+        """True where `value` holds on every rank (a blocking control all-reduce)."""
+        if not self.enabled:
+            return value
+        flag = torch.tensor([float(not value)])
+        dist.all_reduce(flag, group=self.control)
+        return bool(flag[0] == 0)
 
     def sum_values(self, values: dict[str, Any]) -> dict[str, Any]:
         """Sum tensors/numbers with the same keys over ranks (log windows, finiteness checks)."""
@@ -184,11 +222,139 @@ def prepare_modules(dist_: Dist, modules: dict[str, nn.Module], seed: int, sync_
     torch.manual_seed(seed * 1_000_003 + dist_.rank)  # dropout etc. differ per rank, reproducibly
 
 
-def _buckets(grads: list[Tensor]) -> list[list[Tensor]]:
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
-    return list(groups.values())
+# ---------------------------------------------------------------- the train step under DDP
+
+
+class StepModule(nn.Module):
+    """What DDP wraps: the method's saved networks that train, as submodules (so DDP finds their
+    parameters), and a forward that is the method's own train step."""
+
+    def __init__(self, method: Any, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleDict(modules)
+        self.method = method  # not an nn.Module: a plain attribute
+
+    def forward(self, images: Tensor, labels: Tensor, generator: torch.Generator,
+                indices: Tensor | None) -> dict[str, Tensor]:
+        return self.method.train_step(images, labels, generator, indices=indices)
+
+
+class SingleProcessStep:
+    """One process: the method's train step itself, nothing around it."""
+
+    ddp = None
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def __call__(self, phase: Any, params: list[nn.Parameter], images: Tensor, labels: Tensor,
+                 generator: torch.Generator, indices: Tensor | None) -> dict[str, Tensor]:
+        return self.method.train_step(images, labels, generator, indices=indices)
+
+    def after_backward(self) -> None:
+        pass
+
+
+class DataParallelStep(SingleProcessStep):
+    """The method's train step through DistributedDataParallel, one DDP per phase (see the module
+    docstring: which parameters, find_unused_parameters, the summing comm hook)."""
+
+    def __init__(self, dist_: Dist, method: Any) -> None:
+        super().__init__(method)
+        self.dist = dist_
+        self.phase: Any = None
+        self.ddp: DistributedDataParallel | None = None
+        self.find_unused = True
+        self.covered: list[nn.Parameter] = []
+        self._probing = False
+        self._reached: set[int] = set()
+
+    def __call__(self, phase: Any, params: list[nn.Parameter], images: Tensor, labels: Tensor,
+                 generator: torch.Generator, indices: Tensor | None) -> dict[str, Tensor]:
+        if phase is not self.phase:  # a new phase (or the first step of this process)
+            self.phase, self._probing = phase, True
+            self._build(params, find_unused=True)
+        assert self.ddp is not None
+        out = self.ddp(images, labels, generator, indices)
+        if self._probing:
+            self._reached = _reached_parameters(out["loss"])
+        return out
+
+    def after_backward(self) -> None:
+        """After the phase's first backward: drop find_unused_parameters if no rank needs it.
+        Later: a parameter without a gradient means the method's graph changed; say so."""
+        if self._probing:
+            self._probing = False
+            if self.dist.all_true(all(id(p) in self._reached for p in self.covered)):
+                self._build(self.covered, find_unused=False)
+            return
+        if not self.find_unused and any(p.grad is None for p in self.covered):
+            name = getattr(self.phase, "name", self.phase)
+            raise RuntimeError(f"phase {name!r}: this step left trainable parameters without a gradient that every "
+                               "rank's first step of the phase used; DDP (find_unused_parameters off) cannot "
+                               "reduce such a step: the method's graph must not change within a phase")
+
+    def _build(self, params: list[nn.Parameter], find_unused: bool) -> None:
+        if self.ddp is not None:
+            self.ddp._remove_autograd_hooks()  # the old reducer must not see this phase's gradients
+            self.ddp = None
+        wanted = {id(p) for p in params}
+        modules = {name: m for name, m in self.method.modules_to_save().items()
+                   if any(p.requires_grad for p in m.parameters())}
+        container = StepModule(self.method, modules)
+        owned = {id(p) for p in container.parameters()}
+        strays = [p for p in params if id(p) not in owned]
+        if strays:
+            raise ValueError(f"{len(strays)} optimized parameter tensors belong to no module of modules_to_save(): "
+                             "DDP cannot synchronise them (nor can a checkpoint save them)")
+        ignored = []
+        for name, p in container.named_parameters():
+            if hasattr(p, "_ddp_ignored"):  # left by a previous phase's DDP
+                del p._ddp_ignored
+            if p.requires_grad and id(p) not in wanted:
+                ignored.append(name)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(container, ignored)
+        self.covered = [p for p in container.parameters() if p.requires_grad and id(p) in wanted]
+        self.find_unused = find_unused
+        self.ddp = DistributedDataParallel(container, find_unused_parameters=find_unused,
+                                           gradient_as_bucket_view=True, **_DDP_QUIET)
+        self.ddp.register_comm_hook(None, _sum_hook)
+
+
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+_DDP_QUIET: dict[str, bool] = {
+    # no buffer broadcast per forward (the trainer syncs rank 0's after each epoch), no initial sync
+    ("forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"): False,
+    **({"init_sync": False} if "init_sync" in _DDP_ARGS else {}),
+}
+
+
+def step_runner(dist_: Dist, method: Any) -> SingleProcessStep:
+    """How the trainer runs a train step: plainly in one process, through DDP under torchrun."""
+    return DataParallelStep(dist_, method) if dist_.enabled else SingleProcessStep(method)
+
+
+def _sum_hook(group, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations; ours are strings
+    """DDP comm hook: the bucket's sum over ranks (each rank already weighted its loss)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _reached_parameters(loss: Tensor) -> set[int]:
+    """ids of the leaf tensors the loss's autograd graph reaches (a phase's first step only)."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that gets .grad
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm

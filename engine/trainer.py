@@ -124,6 +124,7 @@ class Trainer:
         distributed.prepare_modules(self.dist, self.method.modules_to_save(), r.train.seed, r.train.sync_bn,
                                     self.device)
         apply_speed_switches(self.method, r)
+        self.run_step = distributed.step_runner(self.dist, self.method)  # torchrun: through DDP
         self.drop_last = self.method.drop_last or self.dist.needs_drop_last(len(self.data.train), r.data.batch_size)
         batches = self.data.train.num_batches(r.data.batch_size, self.drop_last)
         self.steps_per_epoch = min(batches, r.train.max_steps_per_epoch or batches)
@@ -255,6 +256,7 @@ class Trainer:
                 sums, window = {}, {"images": 0, "start": time.perf_counter(), "losses": []}
             if self.stop_requested:
                 break
+        self.stop_requested |= self.dist.agree_stop(self.signalled)  # torchrun: a late signal stops all here
         self._check_finite(window["losses"], epoch)
         if self.dist.enabled:
             epoch_sums = self.dist.sum_values({**epoch_sums, "\0images": epoch_images})
@@ -267,13 +269,14 @@ class Trainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
               weight: float = 1.0) -> dict[str, torch.Tensor]:
         r = self.recipe
-        with self._autocast():
-            out = self.method.train_step(images, labels, generator, indices=indices)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"] if weight == 1.0 else out["loss"] * weight).backward()
-        # torchrun: sum the weighted gradients over ranks, and agree on stopping at this step
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.stop_requested |= self.dist.sync_step(params, self.signalled)
+        with self._autocast():
+            out = self.run_step(self.phase, params, images, labels, generator, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        # torchrun: DDP sums the weighted gradients over ranks while backward runs
+        self.scaler.scale(out["loss"] if weight == 1.0 else out["loss"] * weight).backward()
+        self.run_step.after_backward()
+        self.stop_requested |= self.dist.poll_stop(self.signalled)  # torchrun: all ranks, the same step
         if r.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, r.train.grad_clip)
@@ -419,7 +422,7 @@ class Trainer:
         def request_stop(signum: int, frame: object) -> None:
             del frame
             print(f"kdtui: received signal {signum}; stopping after this step", flush=True)
-            self.signalled = True  # becomes stop_requested at the next step (agreed by all ranks under torchrun)
+            self.signalled = True  # stop_requested after this step (torchrun: the next, on every rank at once)
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
