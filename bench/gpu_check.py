@@ -48,7 +48,7 @@ from common import (
     random_bundle,
     save_teacher,
 )
-from gpu_throughput import CONFIGS, RECIPE, matmul_tflops, reference_block
+from gpu_throughput import CONFIGS, RECIPE, engine_block, matmul_tflops, reference_block
 
 ARCHS = ("resnet20", "wrn_16_2", "resnet18")
 GFLOP = {"resnet20": 0.243, "wrn_16_2": 0.607, "resnet18": 3.33, "wrn_40_2": 1.97}  # training, per image
@@ -94,27 +94,6 @@ def reference_step(arch: str, classes: int, device: str) -> Callable[[Any, Any],
     return step
 
 
-def engine_block(arch: str, config: str, bundle: Any, batch: int, steps: int, device: str,
-                 workdir: Path) -> Callable[[], float]:
-    """Images/s of `steps` steps of the real Trainer (supervised) in one configuration."""
-    settings = CONFIGS[config.removesuffix("+compile")] + ("\ncompile = true" if config.endswith("+compile") else "")
-    recipe = RECIPE.format(kind=arch, method="supervised", batch=batch, arch=arch, device=device, steps=steps,
-                           config=settings, teacher="")
-    trainer = engine_trainer(recipe, bundle, workdir, name=f"{arch}-{config}")
-    sync = device_sync(device) or (lambda: None)
-    state = {"epoch": 0}
-
-    def block() -> float:
-        state["epoch"] += 1
-        sync()
-        start = time.perf_counter()
-        engine_epoch(trainer, state["epoch"])
-        sync()
-        return steps * batch / (time.perf_counter() - start)
-
-    return block
-
-
 def throughput_rows(arch: str, configs: list[str], bundle: Any, batch: int, steps: int, reps: int, device: str,
                     work: Path, peak: float, baseline: str = "reference") -> list[Row]:
     """Engine configurations against a baseline measured in the same interleaved rounds: the
@@ -123,8 +102,8 @@ def throughput_rows(arch: str, configs: list[str], bundle: Any, batch: int, step
         blocks = {"reference": reference_block("supervised", bundle, batch, steps, device,
                                                reference_step(arch, bundle.num_classes, device))}
     else:
-        blocks = {baseline: engine_block(arch, baseline, bundle, batch, steps, device, work)}
-    blocks.update({c: engine_block(arch, c, bundle, batch, steps, device, work) for c in configs})
+        blocks = {baseline: engine_block("supervised", baseline, bundle, batch, steps, device, work, None, arch)}
+    blocks.update({c: engine_block("supervised", c, bundle, batch, steps, device, work, None, arch) for c in configs})
     got = {name: median(values) for name, values in interleave(blocks, reps).items()}
     rows = []
     for config in configs:

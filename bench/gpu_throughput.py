@@ -189,12 +189,14 @@ def reference_block(kind: str, bundle: Any, batch: int, steps: int, device: str,
 
 
 def engine_block(kind: str, config: str, bundle: Any, batch: int, steps: int, device: str, workdir: Path,
-                 teacher_path: Path | None) -> Callable[[], float]:
+                 teacher_path: Path | None, arch: str | None = None) -> Callable[[], float]:
+    """Images/s of `steps` steps of the real Trainer for one method `kind` (its ARCH unless `arch`)."""
+    arch = arch or ARCH[kind]
     teacher = f'[teacher]\ncheckpoint = "{teacher_path}"' if teacher_path else ""
     settings = CONFIGS[config.removesuffix("+compile")] + ("\ncompile = true" if config.endswith("+compile") else "")
     recipe = RECIPE.format(kind=kind, method="supervised" if kind == "supervised" else kind, batch=batch,
-                           arch=ARCH[kind], device=device, steps=steps, config=settings, teacher=teacher)
-    trainer = engine_trainer(recipe, bundle, workdir, name=f"{kind}-{config}")
+                           arch=arch, device=device, steps=steps, config=settings, teacher=teacher)
+    trainer = engine_trainer(recipe, bundle, workdir, name=f"{kind}-{arch}-{config}")
     sync = device_sync(device) or (lambda: None)
     state = {"epoch": 0}
 
