@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.data.embedded import CLASS_NAMES
 from engine.models import build_model
+from engine.models.base import Features
 from engine.trainer import EXIT_FINISHED, Trainer
 from tests.conftest import write_recipe
 from tui.launcher import create_runs, prepare
@@ -188,6 +189,7 @@ def test_teacher_runs_in_inference_mode_in_the_step_precision(tmp_path: Path, me
 
     def spy(module: torch.nn.Module, args: tuple[torch.Tensor], output: object) -> None:
         main = output[0] if isinstance(output, tuple) else output
+        main = main.logits if isinstance(main, Features) else main
         calls.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), module.training, main.dtype))
 
     net.register_forward_hook(spy)
