@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The self-supervised zoo on the embedded data set, small enough for 2 CPU cores in under 30 minutes.
 
-    bench/ssl_zoo.py [--epochs 6] [--methods simclr byol ...] [--threads 2] [--also byol:optim.lr=0.1]
+    bench/ssl_zoo.py [--epochs 15] [--methods simclr byol ...] [--threads 2] [--also byol:optim.lr=0.1]
 
 Pretrains every method for the same epochs from the shipped embedded SimCLR recipe
 (recipes/ssl/embedded_simclr.toml: resnet8, batch 128, SGD lr 0.3 nesterov, per-step cosine after a
@@ -68,6 +68,10 @@ def last(info: dict, split: str, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def seconds_per_epoch(info: dict) -> float | None:
     rates = [e["images_per_s"] for e in info["events"] if e.get("kind") == "step" and e.get("images_per_s")]
     return info["train_images"] / statistics.median(rates) if rates else None
@@ -75,7 +79,7 @@ def seconds_per_epoch(info: dict) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--methods", nargs="+",
                         default=["simclr", "byol", "simsiam", "moco", "barlow_twins", "vicreg", "dino"])
     parser.add_argument("--also", nargs="*", default=[], metavar="METHOD:KEY=VALUE",
@@ -107,10 +111,11 @@ def main() -> None:
             continue
         linear, linear_wall = train(LINEAR, runs, [f"train.threads={args.threads}",
                                                    f"teacher.checkpoint={info['path'] / 'checkpoints' / 'last.pt'}"])
-        rows.append((label, last(linear, "test", "top1"), last(info, "test", "knn_top1"), seconds_per_epoch(info),
-                     wall + linear_wall, ""))
-        print(f"  {label}: linear {rows[-1][1]:.3f}, kNN {rows[-1][2]:.3f} ({wall:.0f} + {linear_wall:.0f} s)",
-              flush=True)
+        failed = f"linear eval: {linear['failed']}" if "failed" in linear else ""
+        rows.append((label, None if failed else last(linear, "test", "top1"), last(info, "test", "knn_top1"),
+                     seconds_per_epoch(info), wall + linear_wall, failed))
+        print(f"  {label}: linear {cell(rows[-1][1])}, kNN {cell(rows[-1][2])} ({wall:.0f} + {linear_wall:.0f} s)"
+              + (f" ({failed})" if failed else ""), flush=True)
 
     simclr = next((r[3] for r in rows if r[0] == "simclr"), None)
     print(f"\nself-supervised zoo, embedded data: resnet8, {args.epochs} pretraining epochs, {args.threads} threads; "
@@ -120,7 +125,7 @@ def main() -> None:
     print(f"{'method':>{width}}  " + "  ".join(f"{h:>12}" for h in head))
     base = last(baseline, "test", "top1")
     for label, top1, knn, per_epoch, wall, failed in rows:
-        cells = ("-" if top1 is None else f"{top1:.3f}", f"{base:.3f}", "-" if knn is None else f"{knn:.3f}",
+        cells = (cell(top1), f"{base:.3f}", cell(knn),
                  "-" if per_epoch is None else f"{per_epoch:.2f}",
                  f"{per_epoch / simclr:.2f}" if simclr and per_epoch else "-", f"{wall:.0f}")
         print(f"{label:>{width}}  " + "  ".join(f"{c:>12}" for c in cells) + (f"  ({failed})" if failed else ""))

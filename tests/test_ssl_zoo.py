@@ -4,6 +4,7 @@ backbone; MoCo's queue; DINO's frozen prototypes and centre; exact resume (BYOL'
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from engine.errors import CheckpointError
 from engine.evaluate import evaluate_checkpoint
 from engine.methods.linear_eval import LinearEval
 from engine.methods.registry import method_class
-from engine.methods.ssl_zoo_losses import cosine_momentum
+from engine.methods.ssl_zoo_losses import cosine_momentum, target_entropy
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir import RunDir
 from engine.trainer import EXIT_FINISHED, Trainer, train
@@ -178,6 +179,17 @@ def test_dino_freezes_the_prototypes_in_epoch_one_and_centres_by_the_ema(tmp_pat
         out["loss"].backward()
         assert (method.model.projector.prototypes.grad is None) == frozen
         assert torch.allclose(method.center.center, 0.9 * centre + 0.1 * teacher.mean(dim=0), atol=1e-6)
+        q = torch.softmax((teacher - centre) / method.teacher_temp(), dim=-1)
+        by_hand = -(q * q.log()).sum(dim=-1).mean() / math.log(q.shape[1])
+        assert float(out["target_entropy"]) == pytest.approx(float(by_hand), abs=1e-6)
+
+
+def test_dino_target_entropy_reads_1_when_uniform_and_0_when_one_hot() -> None:
+    centre = torch.zeros(1, 8)
+    assert float(target_entropy([torch.zeros(4, 8)], centre, 0.07)) == pytest.approx(1.0)
+    peaked = torch.full((4, 8), -1.0)
+    peaked[:, 3] = 1.0
+    assert float(target_entropy([peaked], centre, 0.01)) == pytest.approx(0.0, abs=1e-6)
 
 
 def _stop_at(step: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,9 @@ over every rank) and sharpened (temperature warm-up from warmup_teacher_temp to 
 warmup_teacher_temp_epochs, then constant); the loss is the mean cross-entropy over (teacher view,
 student view) pairs of different views, the student at temperature 0.1. `ssl.local_crops` adds
 multi-crop: extra small views the student alone sees. The prototypes get no gradient in the first
-freeze_last_layer_epochs epochs. The centre is a buffer of a saved module: resume restores it.
+freeze_last_layer_epochs epochs. Logged: `teacher_temp`, `tau` and `target_entropy` (the teacher
+targets' entropy over ln K: near 1 is the uniform collapse, near 0 one prototype). The centre is a
+buffer of a saved module: resume restores it.
 
 Defaults (engine/recipe_ssl.py DINOSection) are solo-learn's CIFAR recipe, vturrisi/solo-learn
 scripts/pretrain/cifar/dino.yaml: head 2048 -> 256, 4096 prototypes, tau 0.9995 -> 1.0, LARS lr 0.3
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from engine.data import DataBundle
 from engine.methods.ssl_base import SSLMethod, frozen_copy, full_precision, mlp
-from engine.methods.ssl_zoo_losses import dino_loss, teacher_temperature, update_center_
+from engine.methods.ssl_zoo_losses import dino_loss, target_entropy, teacher_temperature, update_center_
 from engine.recipe import Recipe
 
 
@@ -98,6 +100,7 @@ class DINO(SSLMethod):
             loss = dino_loss(student, teacher, self.center.center, c.student_temp, temperature)
         out = {"loss": loss}
         if training:
+            out["target_entropy"] = target_entropy(teacher, self.center.center, temperature)
             update_center_(self.center.center, teacher, c.center_momentum)
             out["tau"] = torch.tensor(self.momentum(self.step + 1))
             out["teacher_temp"] = torch.tensor(temperature)

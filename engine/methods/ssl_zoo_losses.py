@@ -219,6 +219,16 @@ def dino_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tens
 
 
 @torch.no_grad()
+def target_entropy(teacher: Sequence[Tensor], center: Tensor, teacher_temp: float) -> Tensor:
+    """Mean entropy of DINO's teacher targets over ln K, in [0, 1]: the collapse monitor. Near 1 the
+    targets are uniform (centring won: the student follows them to the uniform output and the loss sits
+    at ln K); near 0 every row picks one prototype (sharpening won). DINO sec. 5.3 / fig. 7 watch the
+    same two failure modes through the target entropy and the KL between teacher and student."""
+    q = F.softmax((torch.cat(list(teacher)) - center) / teacher_temp, dim=-1)
+    return -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean() / math.log(q.shape[-1])
+
+
+@torch.no_grad()
 def update_center_(center: Tensor, teacher: Sequence[Tensor], momentum: float = 0.9) -> None:
     """c <- m c + (1 - m) mean of the teacher outputs over every view and every rank's rows."""
     center.mul_(momentum).add_(global_row_mean(torch.cat(list(teacher))), alpha=1 - momentum)
