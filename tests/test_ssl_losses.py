@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from engine.methods.ssl_losses import ProjectionHead, knn_predict, nt_xent
+from tests.conftest import run_two_gloo_ranks
 
 
 def nt_xent_by_pairs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
@@ -85,17 +85,7 @@ def test_nt_xent_under_ddp_gathers_negatives_with_gradients() -> None:
     full, _, _ = nt_xent(a, b, 0.5)
     full.backward()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # no re-import of torch: seconds, not tens of seconds
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, z1, z2, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_two_gloo_ranks(_ddp_worker, z1, z2)
     assert sum(r[1] for r in results) / 2 == pytest.approx(float(full.detach()), rel=1e-5)
     assert results[1][4] == [9, 10, 11, 3, 4, 5]  # rank 1's positives in the global key order
     assert results[0][5] == pytest.approx(float(nt_xent(z1[:3], z2[:3], 0.5)[0]), rel=1e-6)

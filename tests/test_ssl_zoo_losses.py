@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from engine.methods.ssl_zoo_losses import (
 )
 from engine.optim import LARS, build_optimizer, build_scheduler
 from engine.recipe import OptimSection, ScheduleSection
+from tests.conftest import run_two_gloo_ranks
 
 D = torch.float64
 
@@ -265,17 +265,7 @@ def test_barlow_and_vicreg_statistics_span_every_rank_with_gradients() -> None:
     on the whole batch; MoCo's gathered keys and DINO's centre are every rank's, in rank order."""
     g = torch.Generator().manual_seed(3)
     z1, z2 = torch.randn(8, 5, generator=g, dtype=D), torch.randn(8, 5, generator=g, dtype=D)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, z1, z2, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = dict(run_two_gloo_ranks(_ddp_worker, z1, z2))
     for name in ("barlow", "vicreg"):
         a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
         if name == "barlow":
