@@ -241,3 +241,24 @@ def test_corrupt_store_is_one_line_and_rebuild_fixes_it(history: list[RunDir], r
     assert code == 2 and err.count("\n") == 1 and "kdtui runs --rebuild" in err
     code, out, _ = invoke("runs", "--rebuild", "--json")
     assert code == 0 and {d["id"] for d in json.loads(out)} == {r.id for r in history}
+
+
+def test_follow_reports_the_status_its_job_ended_with_not_an_older_one(runs_dir: Path) -> None:
+    """A queued job's poll() reads run.json itself: when the run finishes between follow's reads,
+    the status follow reports must be the finished one (it once said `failed` here)."""
+    from rich.console import Console
+
+    from tui.follow import follow
+
+    run = fake_run(runs_dir, "racing", "running", host=socket.gethostname(), pid=os.getpid())
+
+    class FinishesWhilePolled:
+        pid = os.getpid()
+
+        def poll(self) -> int:
+            run.update_info(status="finished")  # the engine's last write lands between the two reads
+            return 0
+
+    job = FinishesWhilePolled()
+    statuses = follow([(run, job)], console=Console(file=io.StringIO()), poll_s=0.01)  # type: ignore[list-item]
+    assert statuses == {run.id: "finished"}

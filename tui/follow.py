@@ -43,9 +43,9 @@ def follow(jobs: list[tuple[RunDir, subprocess.Popen[bytes] | None]], console: C
                     if run.id in statuses:
                         continue
                     _update(bars, tasks[run.id], run, tails[run.id])
-                    info = run.read_info()
                     exited = process is not None and process.poll() is not None
-                    status = effective_status(info)
+                    status = effective_status(run.read_info())  # read after poll(): a queued job's poll
+                    # reads run.json too, and a status read before it may predate the end it reports
                     if exited or (process is None and status in TERMINAL):
                         statuses[run.id] = status if status in TERMINAL else "failed"
                         shown = bars.tasks[tasks[run.id]].fields["stats"]
