@@ -109,3 +109,11 @@ def run_two_gloo_ranks(worker: Any, *args: Any) -> list[Any]:
     for p in procs:
         p.join(timeout=60)
     return results
+
+
+def kdtui_cli(*args: str, runs: Path) -> Any:
+    """`python -m tui ARGS` in a subprocess on the runs root `runs`: the command line a user types."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "KDTUI_RUNS_DIR": str(runs)})

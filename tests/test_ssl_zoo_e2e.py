@@ -5,16 +5,12 @@ linear_eval on a BYOL checkpoint, then `kdtui runs --json` lists all of them as 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from engine.checkpoint import load_checkpoint
 from engine.rundir import iter_run_dirs
-from tests.conftest import write_recipe
+from tests.conftest import kdtui_cli, write_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
 SSL_METHODS = ["byol", "simsiam", "moco", "barlow_twins", "vicreg", "dino"]
 
 COMMON = """
@@ -36,15 +32,10 @@ SWEEP = f'[run]\nname = "zoo"\nmethod = "byol"\n{COMMON}[sweep]\n"run.method" = 
 FIXMATCH = f'[run]\nname = "fm"\nmethod = "fixmatch"\n{COMMON}[semi]\nnum_labels = 20\nmu = 2\n'
 
 
-def kdtui(*args: str, runs: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "KDTUI_RUNS_DIR": str(runs)})
-
-
 def test_every_ssl_method_and_fixmatch_run_through_kdtui_run_and_feed_linear_eval(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for name, text, devices in (("zoo.toml", SWEEP, ["-d", "cpu", "-d", "cpu"]), ("fm.toml", FIXMATCH, [])):
-        done = kdtui("run", str(write_recipe(tmp_path, text, name)), *devices, runs=runs)
+        done = kdtui_cli("run", str(write_recipe(tmp_path, text, name)), *devices, runs=runs)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     by_method = {r.read_info()["method"]: r for r in iter_run_dirs(runs)}
     assert set(by_method) == {*SSL_METHODS, "fixmatch"}
@@ -55,14 +46,14 @@ def test_every_ssl_method_and_fixmatch_run_through_kdtui_run_and_feed_linear_eva
 
     byol = by_method["byol"].checkpoints / "last.pt"
     linear = f'[run]\nname = "lin"\nmethod = "linear_eval"\n{COMMON}[teacher]\ncheckpoint = "{byol}"\n'
-    done = kdtui("run", str(write_recipe(tmp_path, linear, "lin.toml")), runs=runs)
+    done = kdtui_cli("run", str(write_recipe(tmp_path, linear, "lin.toml")), runs=runs)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lin = next(r for r in iter_run_dirs(runs) if r.read_info()["method"] == "linear_eval")
     assert any(e["split"] == "test" and 0 <= e["top1"] <= 1 for e in lin.events())
     head = {k for k in load_checkpoint(lin.checkpoints / "last.pt")["model"]}
     assert any(k.startswith("fc") for k in head)  # a class head: `kdtui eval` and diff take it
 
-    listed = kdtui("runs", "--json", runs=runs)
+    listed = kdtui_cli("runs", "--json", runs=runs)
     assert listed.returncode == 0, listed.stderr
     docs = json.loads(listed.stdout)
     assert sorted(d["method"] for d in docs) == sorted([*SSL_METHODS, "fixmatch", "linear_eval"])

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from engine.checkpoint import load_checkpoint
 from engine.recipe_distill import INIT_PHASE_METHODS, ZOO_METHODS
 from engine.rundir import iter_run_dirs
-from tests.conftest import ROOT, write_recipe
+from tests.conftest import ROOT, kdtui_cli, write_recipe
 from tests.test_distill import fake_checkpoint
 from tests.tui_fake import wait_for
 from tui.app import KdtuiApp
@@ -50,18 +47,13 @@ max_steps_per_epoch = 2
 """
 
 
-def kdtui(*args: str, runs: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "KDTUI_RUNS_DIR": str(runs)})
-
-
 def test_every_zoo_method_runs_and_shows_up_like_any_run(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     teacher = fake_checkpoint(tmp_path / "teacher.pt", "resnet14")
     staged = [m for m in ZOO_METHODS if m in INIT_PHASE_METHODS]  # a 1-epoch initialisation stage, then 1 epoch
     for methods, init in ((staged, "init_epochs = 1"), ([m for m in ZOO_METHODS if m not in staged], "")):
         text = SWEEP.format(teacher=teacher, methods=json.dumps(methods), init=init, first=methods[0])
-        done = kdtui("run", str(write_recipe(tmp_path, text, "zoo.toml")), runs=runs)
+        done = kdtui_cli("run", str(write_recipe(tmp_path, text, "zoo.toml")), runs=runs)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     by_method = {r.read_info()["method"]: r for r in iter_run_dirs(runs)}
@@ -77,12 +69,12 @@ def test_every_zoo_method_runs_and_shows_up_like_any_run(tmp_path: Path) -> None
         assert saved["arch"] == "resnet8" and saved["method"] == method
         assert ("distill" in saved["modules"]) == (method in WITH_MODULES), method
 
-    listed = kdtui("runs", "--json", runs=runs)
+    listed = kdtui_cli("runs", "--json", runs=runs)
     assert listed.returncode == 0, listed.stderr
     assert sorted(doc["method"] for doc in json.loads(listed.stdout)) == sorted(ZOO_METHODS)
 
     a, b = by_method["crd"], by_method["dkd"]
-    compared = kdtui("diff", str(a.checkpoints / "last.pt"), str(b.checkpoints / "last.pt"), "--json", runs=runs)
+    compared = kdtui_cli("diff", str(a.checkpoints / "last.pt"), str(b.checkpoints / "last.pt"), "--json", runs=runs)
     assert compared.returncode == 0, compared.stderr
     result = json.loads(compared.stdout)
     assert result["n"] == 1000 and 0 <= result["agreement"] <= 1
